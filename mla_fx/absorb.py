@@ -1,0 +1,114 @@
+"""The absorb pipeline: find MLA, split the RoPE score, absorb W_UK and W_UV, latent attention."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+
+from mla_fx import ops  # noqa: F401  (registers the mla_fx:: ops the passes insert)
+from mla_fx.cost import MODES, choose_mode, mode_costs
+from mla_fx.errors import MLAFXError, NoMLAError
+from mla_fx.passes.absorb_uk import absorb_uk
+from mla_fx.passes.absorb_uv import absorb_uv
+from mla_fx.passes.capture import sequence_dims
+from mla_fx.passes.cleanup import cleanup
+from mla_fx.passes.find_mla_sites import MLASite, find_mla_sites, find_sites, no_mla_message
+from mla_fx.passes.manager import AfterPass, run_passes
+from mla_fx.passes.split_rope_score import split_rope_score
+from mla_fx.passes.to_latent_attention import to_latent_attention
+from mla_fx.passes.verify_latent_only import verify_latent_only
+
+ABSORB_PIPELINE = [find_mla_sites, split_rope_score, absorb_uk, absorb_uv, to_latent_attention,
+                   verify_latent_only, cleanup]
+
+
+@dataclass
+class AbsorbConfig:
+    """Settings of one absorb run; serialisable into the report."""
+
+    mode: str = "auto"  # auto | reassociate | fold
+
+    def __post_init__(self):
+        if self.mode not in ("auto", *MODES):
+            raise ValueError(f"mode must be auto, reassociate or fold, not {self.mode!r}")
+
+
+@dataclass
+class AbsorbResult:
+    gm: fx.GraphModule
+    mode: str
+    sites: list[MLASite]
+    pass_stats: dict[str, dict] = field(default_factory=dict)
+
+    def report(self) -> dict[str, Any]:
+        costs = [{m: c.to_dict() for m, c in mode_costs(s.spec).items()} if s.spec.hidden_size else None
+                 for s in self.sites]
+        return {"mode": self.mode, "layers": [
+            {**site.to_dict(), "cache_bytes_per_token_bf16": site.spec.cache_bytes_per_token(2), "costs": c}
+            for site, c in zip(self.sites, costs, strict=True)], "passes": self.pass_stats}
+
+
+def resolve_mode(mode: str, sites: list[MLASite]) -> str:
+    if mode != "auto":
+        return mode
+    if any(s.spec.hidden_size is None for s in sites):
+        return "reassociate"
+    return choose_mode([s.spec for s in sites])
+
+
+def absorb(gm: fx.GraphModule, config: AbsorbConfig | None = None, after_pass: AfterPass | None = None,
+           pipeline: list[Callable] | None = None) -> AbsorbResult:
+    """Rewrite a captured graph in place; returns it with the sites found and per-pass stats."""
+    config = config or AbsorbConfig()
+    sites, rejected = find_sites(gm)
+    if not sites:
+        raise NoMLAError(no_mla_message(rejected))
+    mode = resolve_mode(config.mode, sites)
+    gm, stats = run_passes(gm, pipeline or ABSORB_PIPELINE, AbsorbConfig(mode=mode), after_pass)
+    return AbsorbResult(gm, mode, sites, stats)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder, so a failure never leaves a partial output."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_program(gm: fx.GraphModule, example: tuple[torch.Tensor, ...], max_seq: int = 4096,
+               dynamic_batch: bool = True) -> torch.export.ExportedProgram:
+    """Re-export the rewritten graph so it is called like the original: program(input_ids) -> logits."""
+    try:
+        with torch.no_grad():
+            return torch.export.export(gm, example, dynamic_shapes=sequence_dims(max_seq, dynamic_batch),
+                                       strict=False)
+    except Exception as e:
+        if dynamic_batch:
+            return to_program(gm, example, max_seq, dynamic_batch=False)
+        raise MLAFXError(f"could not export the rewritten graph: {type(e).__name__}: {e}") from e
+
+
+def save_program(program: torch.export.ExportedProgram, path: Path) -> None:
+    _atomic_write(path, lambda tmp: torch.export.save(program, tmp))
+
+
+def save_report(report: dict[str, Any], path: Path) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(report, indent=2, default=str) + "\n"))
+
+
+__all__ = ["ABSORB_PIPELINE", "AbsorbConfig", "AbsorbResult", "absorb", "asdict", "save_program", "to_program"]

@@ -1,0 +1,83 @@
+"""The attention ops the passes rewrite into.
+
+`mla_fx::split_rope_attention` is the un-absorbed MLA attention with the decoupled-RoPE score term
+kept apart: score = q_nope.k_nope + q_rope.k_rope. Heads broadcast, so k_nope/v may have one head
+(the latent, after absorption) or H heads (expanded). It is the intermediate form between passes.
+
+`mla_fx::latent_attention` is the final form: MQA over the latent cache row [c_KV ; k_R]
+(d_c + d_r values per token, one head shared by all query heads); the output stays in latent space
+(d_c per head) and W_UV is applied after it.
+
+Both are reference math on any device (softmax in float32), with fake implementations so that
+torch.export can trace them with symbolic shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _attend(scores: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
+    """softmax(scores + mask) @ v, accumulated in float32 (float64 stays float64)."""
+    acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    scores = scores.to(acc)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.to(acc)
+    if is_causal:
+        s, t = scores.shape[-2], scores.shape[-1]
+        causal = torch.ones(s, t, dtype=torch.bool, device=scores.device).tril(diagonal=t - s)
+        scores = scores.masked_fill(~causal, float("-inf"))
+    probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)  # fully masked rows give zeros
+    return torch.matmul(probs, v.to(acc))
+
+
+@torch.library.custom_op("mla_fx::split_rope_attention", mutates_args=())
+def split_rope_attention(
+    q_nope: Tensor,
+    q_rope: Tensor,
+    k_nope: Tensor,
+    k_rope: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None,
+    scale: float,
+    is_causal: bool,
+) -> Tensor:
+    """softmax((q_nope.k_nope + q_rope.k_rope) * scale) v. Shapes [B,H|1,S|T,D]."""
+    scores = torch.matmul(q_nope, k_nope.transpose(-1, -2)) + torch.matmul(q_rope, k_rope.transpose(-1, -2))
+    return _attend(scores * scale, v, attn_mask, is_causal).to(q_nope.dtype).contiguous()
+
+
+@split_rope_attention.register_fake
+def _(q_nope, q_rope, k_nope, k_rope, v, attn_mask, scale, is_causal):
+    b, h, s, _ = q_nope.shape
+    return q_nope.new_empty((b, h, s, v.shape[-1]))
+
+
+@torch.library.custom_op("mla_fx::latent_attention", mutates_args=())
+def latent_attention(
+    q_latent: Tensor,
+    q_rope: Tensor,
+    latent_kv: Tensor,
+    attn_mask: Tensor | None,
+    scale: float,
+    is_causal: bool,
+) -> Tensor:
+    """MQA over the latent cache.
+
+    q_latent [B,H,S,d_c] (W_UK already applied), q_rope [B,H,S,d_r] (after RoPE),
+    latent_kv [B,T,d_c+d_r] = [c_KV ; k_R] per token. Returns o~ [B,H,S,d_c].
+    """
+    d_c = q_latent.shape[-1]
+    kv = latent_kv.unsqueeze(1)
+    c_kv, k_rope = kv[..., :d_c], kv[..., d_c:]
+    scores = torch.matmul(q_latent, c_kv.transpose(-1, -2)) + torch.matmul(q_rope, k_rope.transpose(-1, -2))
+    return _attend(scores * scale, c_kv, attn_mask, is_causal).to(q_latent.dtype).contiguous()
+
+
+@latent_attention.register_fake
+def _(q_latent, q_rope, latent_kv, attn_mask, scale, is_causal):
+    return torch.empty_like(q_latent)

@@ -1,0 +1,45 @@
+"""Capture: nn.Module -> the ATen-level fx.GraphModule the passes work on.
+
+torch.export (non-strict) then functionalization only (`run_decompositions({})`): in-place ops
+such as HF's `new_empty` + `copy_` key assembly become `slice_scatter`, and composite ops the passes
+match on (linear, scaled_dot_product_attention) are kept whole.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+from torch.export import Dim
+
+
+def sequence_dims(max_seq: int, dynamic_batch: bool = True) -> tuple[dict[int, Dim], ...]:
+    dims = {1: Dim("seq", min=1, max=max_seq)}
+    if dynamic_batch:
+        dims[0] = Dim("batch", min=1, max=1024)
+    return (dims,)
+
+
+def export_program(
+    model: nn.Module, example: tuple[torch.Tensor, ...], max_seq: int
+) -> torch.export.ExportedProgram:
+    """torch.export with dynamic batch and sequence; falls back to dynamic sequence only."""
+    try:
+        return torch.export.export(model, example, dynamic_shapes=sequence_dims(max_seq), strict=False)
+    except Exception:  # some models specialise the batch size (e.g. masks built for B=1)
+        return torch.export.export(model, example, dynamic_shapes=sequence_dims(max_seq, False), strict=False)
+
+
+def graph_module(program: torch.export.ExportedProgram) -> fx.GraphModule:
+    """Functionalize and unlift: parameters become get_attr nodes the passes can replace."""
+    gm = program.run_decompositions({}).module()
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+            delattr(gm, "_guards_fn")
+    gm.recompile()
+    return gm
+
+
+def capture(model: nn.Module, example: tuple[torch.Tensor, ...], max_seq: int = 4096) -> fx.GraphModule:
+    with torch.no_grad():
+        return graph_module(export_program(model, example, max_seq))
