@@ -48,6 +48,35 @@ def layout_source(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     return node, chain
 
 
+def scalar_factor(node: fx.Node) -> float | None:
+    """The constant of x * c or x / c (a Python number), else None."""
+    if node.op != "call_function" or len(node.args) != 2 or not isinstance(node.args[1], (int, float)):
+        return None
+    if node.target is aten.mul.Tensor or node.target is aten.mul.Scalar:
+        return float(node.args[1])
+    if node.target is aten.div.Tensor or node.target is aten.div.Scalar:
+        return 1.0 / float(node.args[1])
+    return None
+
+
+def scaled_layout_source(node: fx.Node) -> tuple[fx.Node, list[fx.Node], float]:
+    """Like layout_source, but also through multiplications by constants (LongCat-Flash scales q and
+    the latent); returns (source, layout chain without the multiplications, product of the constants)."""
+    chain: list[fx.Node] = []
+    factor = 1.0
+    while True:
+        c = scalar_factor(node)
+        if c is not None:
+            factor *= c
+        elif is_layout(node):
+            chain.append(node)
+        else:
+            break
+        node = node.args[0]
+    chain.reverse()
+    return node, chain, factor
+
+
 def concrete(x):
     """Replace symbolic sizes (nodes or SymInts) by the example values they were traced with."""
     if isinstance(x, fx.Node):
@@ -64,13 +93,10 @@ def shape(node: fx.Node) -> tuple[int, ...]:
 
 
 def run_chain(chain: Sequence[fx.Node], value: torch.Tensor) -> torch.Tensor:
-    """Evaluate a layout chain on `value` in place of the chain's source tensor."""
-    env: dict[fx.Node, object] = {}
-    for i, node in enumerate(chain):
-        first = value if i == 0 else env[node.args[0]]
-        args = (first, *concrete(tuple(node.args[1:])))
-        env[node] = node.target(*args, **concrete(dict(node.kwargs)))
-    return env[chain[-1]] if chain else value
+    """Evaluate a layout chain (a path: each op reads the one before) on `value` in place of its source."""
+    for node in chain:
+        value = node.target(value, *concrete(tuple(node.args[1:])), **concrete(dict(node.kwargs)))
+    return value
 
 
 def probe_features(source: fx.Node, chain: Sequence[fx.Node]) -> torch.Tensor | None:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from ._graph import LINEAR, add_param, get_param, layout_source, probe_features
+from ._graph import LINEAR, add_param, get_param, probe_features, scalar_factor, scaled_layout_source
 from .manager import PassResult
 from .split_rope_score import SPLIT_ATTENTION
 
@@ -28,8 +28,11 @@ aten = torch.ops.aten
 
 
 def _up_projection(gm: fx.GraphModule, node: fx.Node):
-    """(linear input, weight, bias, [H, D] feature map) if node is heads(linear(x, W)), else None."""
-    src, chain = layout_source(node)
+    """(linear input, weight, bias, [H, D] feature map) if node is c * heads(linear(x, W)), else None.
+
+    A constant factor c (LongCat-Flash scales q) is folded into the returned weight and bias.
+    """
+    src, chain, factor = scaled_layout_source(node)
     if src.target is not LINEAR:
         return None
     weight = get_param(gm, src.args[1])
@@ -38,6 +41,8 @@ def _up_projection(gm: fx.GraphModule, node: fx.Node):
     feature_map = probe_features(src, chain)
     if weight is None or feature_map is None or (bias_node is not None and bias is None):
         return None
+    if factor != 1.0:
+        weight, bias = weight * factor, (bias * factor if bias is not None else None)
     return src.args[0], weight, bias, feature_map
 
 
@@ -47,11 +52,13 @@ def heads_view(graph: fx.Graph, flat: fx.Node, batch: fx.Node, heads: int, dim: 
     return graph.call_function(aten.transpose.int, (split, 1, 2))
 
 
-def _narrow_siblings(gm: fx.GraphModule, q_nope: fx.Node, c_q: fx.Node, w_q: torch.Tensor) -> None:
+def _narrow_siblings(gm: fx.GraphModule, q_nope: fx.Node, c_q: fx.Node) -> None:
     """Fold makes the W_UQ rows of a fused q projection dead; give the q_rope rows a linear of their own.
 
     q_nope = split(heads(linear(c_q, W_q)))[0]; its sibling split outputs read only their own rows.
     """
+    while scalar_factor(q_nope) is not None:
+        q_nope = q_nope.args[0]
     split = q_nope.args[0] if q_nope.target is operator.getitem else None
     if split is None:
         return
@@ -63,7 +70,7 @@ def _narrow_siblings(gm: fx.GraphModule, q_nope: fx.Node, c_q: fx.Node, w_q: tor
         g = gm.graph
         with g.inserting_before(sibling):
             batch = g.call_function(aten.sym_size.int, (c_q, 0))
-            weight = add_param(gm, f"{sibling.name}_w", w_q[up[3]].reshape(heads * dim, -1), sibling)
+            weight = add_param(gm, f"{sibling.name}_w", up[1][up[3]].reshape(heads * dim, -1), sibling)
             narrow = heads_view(g, g.call_function(LINEAR, (c_q, weight)), batch, heads, dim)
         sibling.replace_all_uses_with(narrow)
 
@@ -97,7 +104,7 @@ def absorb_uk(gm: fx.GraphModule, config: Any) -> PassResult:
                     b_fold = torch.einsum("hnc,hn->hc", w_uk64, b_q.double()[qmap]).reshape(-1)
                     args += (add_param(gm, f"{node.name}_b_uqk", b_fold.to(b_q.dtype), node),)
                 q_latent = heads_view(g, g.call_function(LINEAR, args), batch, heads, d_c)
-                _narrow_siblings(gm, q_nope, c_q, w_q)
+                _narrow_siblings(gm, q_nope, c_q)
                 folded += 1
             else:
                 if mode == "fold":

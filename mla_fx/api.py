@@ -1,0 +1,135 @@
+"""Python API behind the CLI: absorb a loaded model, check it, write the program and the report."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import fx
+
+from mla_fx.absorb import AbsorbConfig, AbsorbResult, absorb, save_program, save_report, to_program
+from mla_fx.check import DTYPES, Comparison, compare_generation, compare_logits, random_inputs
+from mla_fx.errors import CheckFailed
+from mla_fx.loading import LoadedModel
+from mla_fx.passes.manager import PassResult
+
+EACH_PASS_INPUTS = ((2, 11),)
+
+
+class Progress:
+    """One line per step on stderr with the elapsed time, so long runs show where they are."""
+
+    def __init__(self, quiet: bool = False):
+        self.start, self.quiet = time.perf_counter(), quiet
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[{time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def bf16_supported() -> bool:
+    return bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+
+
+def default_dtypes(loaded: LoadedModel) -> list[torch.dtype]:
+    if loaded.module is None:  # an exported program runs in the dtype it was exported in
+        return [loaded.dtype]
+    return [torch.float64, torch.float32] + ([torch.bfloat16] if bf16_supported() else [])
+
+
+def parse_dtypes(text: str) -> list[torch.dtype]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in DTYPES]
+    if unknown:
+        raise ValueError(f"unknown dtype(s) {unknown}; choose from {', '.join(DTYPES)}")
+    return [DTYPES[n] for n in names]
+
+
+def prompts(loaded: LoadedModel) -> list[tuple[str, torch.Tensor]]:
+    """Real text for the shipped byte-level model, seeded random token sequences otherwise."""
+    if loaded.source == "builtin":
+        from mla_fx.models.tokenizer import encode
+
+        return [("text", torch.tensor([encode("The ")]))]
+    return [("random prompt", random_inputs(loaded.vocab_size, [(1, 6)], seed=7)[0][1])]
+
+
+@dataclass
+class Run:
+    """An absorbed model together with the checks it passed or failed."""
+
+    result: AbsorbResult
+    comparisons: list[Comparison] = field(default_factory=list)
+    example: tuple[torch.Tensor, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.comparisons)
+
+
+def _each_pass_checker(reference: Callable, dtype: torch.dtype, vocab: int, progress: Progress):
+    inputs = random_inputs(vocab, EACH_PASS_INPUTS)
+
+    def after(name: str, result: PassResult) -> None:
+        (cmp,) = compare_logits(reference, result.gm, inputs, dtype)
+        progress(f"  after {name}: {cmp.line()}")
+        if not cmp.passed:
+            raise CheckFailed(f"numerics break in pass {name}: {cmp.line()}")
+
+    return after
+
+
+def absorb_and_check(loaded: LoadedModel, config: AbsorbConfig, dtype: torch.dtype | None = None, *,
+                     check: bool = True, each_pass: bool = False, generate_tokens: int = 0,
+                     dump_graphs: Path | None = None, progress: Progress | None = None,
+                     pipeline: Sequence | None = None) -> Run:
+    """Capture the model in `dtype`, run the pipeline, compare rewritten against original."""
+    progress = progress or Progress(quiet=True)
+    model = loaded.to(dtype) if dtype is not None else loaded
+    dtype = model.dtype
+    name = str(dtype).removeprefix("torch.")
+    progress(f"capturing {loaded.name} ({name}) with torch.export")
+    gm = model.capture()
+    reference = model.reference()
+    hooks: list[Callable[[str, PassResult], None]] = [lambda n, r: progress(f"pass {n}: {_brief(r.stats)}")]
+    if dump_graphs is not None:
+        dump_graphs.mkdir(parents=True, exist_ok=True)
+        (dump_graphs / f"{name}_00_captured.py").write_text(gm.code)
+        hooks.append(lambda n, r, i=[0]: _dump(dump_graphs, name, n, r.gm, i))
+    if each_pass:
+        hooks.append(_each_pass_checker(reference, dtype, loaded.vocab_size, progress))
+    result = absorb(gm, config, lambda n, r: [h(n, r) for h in hooks], pipeline)
+    run = Run(result, example=model.example())
+    if check:
+        progress(f"checking rewritten vs original ({name})")
+        run.comparisons += compare_logits(reference, result.gm, random_inputs(loaded.vocab_size), dtype)
+        if generate_tokens:
+            for label, prompt in prompts(loaded):
+                run.comparisons.append(compare_generation(reference, result.gm, prompt, generate_tokens,
+                                                          f"{name} {label}"))
+    return run
+
+
+def _dump(folder: Path, dtype: str, pass_name: str, gm: fx.GraphModule, counter: list[int]) -> None:
+    counter[0] += 1
+    (folder / f"{dtype}_{counter[0]:02d}_{pass_name}.py").write_text(gm.code)
+
+
+def _brief(stats: dict) -> str:
+    keep = {k: v for k, v in stats.items() if isinstance(v, (int, float, str)) or (k == "skipped" and v)}
+    return ", ".join(f"{k}={v}" for k, v in keep.items()) or "done"
+
+
+def write_outputs(run: Run, loaded: LoadedModel, out: Path, report_path: Path | None,
+                  progress: Progress) -> None:
+    progress(f"exporting the rewritten program to {out}")
+    program = to_program(run.result.gm, run.example, max_seq=loaded.max_seq)
+    save_program(program, out)
+    if report_path is not None:
+        report = {"model": loaded.name, **run.result.report(),
+                  "checks": [c.to_dict() for c in run.comparisons]}
+        save_report(report, report_path)
