@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 ROPE_LAYOUTS = ("rotate_half", "interleaved", "complex", "unknown")
+ALWAYS_INTERLEAVED = {"longcat_flash"}  # no rope_interleave switch in their configs
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -75,8 +76,10 @@ class MLASpec:
             scale *= yarn_mscale(float(rope["factor"]), float(rope["mscale_all_dim"])) ** 2
         if get("model_type") == "deepseek_v2":
             layout = "complex"
+        elif get("model_type") in ALWAYS_INTERLEAVED or get("rope_interleave", False):
+            layout = "interleaved"
         else:
-            layout = "interleaved" if get("rope_interleave", False) else "rotate_half"
+            layout = "rotate_half"
         return cls(
             n_heads=int(get("num_attention_heads")),
             q_lora_rank=get("q_lora_rank"),

@@ -18,7 +18,16 @@ from torch import fx
 from mla_fx.errors import NoMLAError
 from mla_fx.spec import MLASpec
 
-from ._graph import LINEAR, SDPA, last_dim_parts, layout_source, probe_features, shape, strip_expand
+from ._graph import (
+    LINEAR,
+    SDPA,
+    last_dim_parts,
+    layout_source,
+    probe_features,
+    scaled_layout_source,
+    shape,
+    strip_expand,
+)
 from .manager import PassResult
 
 LOOKED_FOR = ("an attention (scaled_dot_product_attention) whose query and key are [nope ; rope] "
@@ -40,7 +49,7 @@ class MLASite:
 
 
 def _linear_source(node: fx.Node):
-    src, chain = layout_source(node)
+    src, chain, _ = scaled_layout_source(node)
     if src.target is not LINEAR or src.args[1].op != "get_attr":
         return None
     return src, chain
@@ -61,7 +70,9 @@ def _rope_layout(k_rope: fx.Node, depth: int = 12) -> str:
             if "view_as_complex" in name or "polar" in name:
                 return "complex"
             if name == "aten.slice.Tensor" and len(n.args) > 4 and n.args[4] == 2:
-                return "interleaved"
+                return "interleaved"  # x[..., 0::2], x[..., 1::2]
+            if name in ("aten.unbind.int", "aten.stack.default") and n.args[1:2] == (-1,):
+                return "interleaved"  # pairs as a trailing dim of 2
             nxt += [a for a in n.all_input_nodes if a not in seen]
             seen.update(nxt)
         frontier = nxt
