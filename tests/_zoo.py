@@ -19,11 +19,11 @@ SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
 def needs_hf(name: str):
-    return [pytest.mark.skipif(not _has_transformers(), reason="transformers not installed")] \
+    return [pytest.mark.skipif(not has_transformers(), reason="transformers not installed")] \
         if name in HF_NAMES else []
 
 
-def _has_transformers() -> bool:
+def has_transformers() -> bool:
     try:
         import transformers  # noqa: F401
     except ImportError:
