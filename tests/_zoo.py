@@ -10,7 +10,6 @@ import mla_fx  # noqa: F401
 from mla_fx.models import REFERENCE_VARIANTS, build_zoo
 from mla_fx.passes.capture import capture
 
-
 HF_NAMES = ("deepseek_v3", "deepseek_v3_rotate_half", "deepseek_v3_yarn", "deepseek_v3_no_q_lora", "deepseek_v2",
             "minicpm3", "glm4_moe_lite", "longcat_flash")
 ZOO = (*REFERENCE_VARIANTS, *HF_NAMES)

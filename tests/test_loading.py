@@ -7,13 +7,14 @@ import zipfile
 
 import pytest
 import torch
-from _zoo import has_transformers
 from safetensors.torch import save_file
 
 from mla_fx.errors import LoadError
 from mla_fx.loading import load_model
 from mla_fx.models import build_zoo
 from mla_fx.models.reference import tiny_config
+
+from _zoo import has_transformers
 
 
 def _ids(n=7):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _zoo import has_transformers
 from torch import nn
 
 from mla_fx import cli
 from mla_fx.absorb import absorb
 from mla_fx.errors import NoMLAError
 from mla_fx.passes.capture import capture
+
+from _zoo import has_transformers
 
 
 class PlainMLP(nn.Module):

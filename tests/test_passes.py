@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _zoo import LATENT, SDPA, count, ids_for, rel_l2, zoo_model
 
 from mla_fx.absorb import AbsorbConfig
 from mla_fx.errors import NoMLAError, PassError
@@ -16,6 +15,8 @@ from mla_fx.passes.manager import PassResult, run_passes
 from mla_fx.passes.split_rope_score import SPLIT_ATTENTION, split_rope_score
 from mla_fx.passes.to_latent_attention import to_latent_attention
 from mla_fx.passes.verify_latent_only import verify_latent_only
+
+from _zoo import LATENT, SDPA, count, ids_for, rel_l2, zoo_model
 
 aten = torch.ops.aten
 LINEAR = aten.linear.default

@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
-from _zoo import HF_NAMES, has_transformers, needs_hf, zoo_model
 
 from mla_fx.cost import choose_mode, mode_costs
 from mla_fx.passes.find_mla_sites import find_sites
 from mla_fx.spec import MLASpec
+
+from _zoo import HF_NAMES, has_transformers, needs_hf, zoo_model
 
 V3 = dict(model_type="deepseek_v3", num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512,
           qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, hidden_size=7168, rope_interleave=True,
