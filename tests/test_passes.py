@@ -16,7 +16,7 @@ from mla_fx.passes.split_rope_score import SPLIT_ATTENTION, split_rope_score
 from mla_fx.passes.to_latent_attention import to_latent_attention
 from mla_fx.passes.verify_latent_only import verify_latent_only
 
-from _zoo import LATENT, SDPA, count, ids_for, rel_l2, zoo_model
+from _zoo import LATENT, SDPA, count, has_transformers, ids_for, rel_l2, zoo_model
 
 aten = torch.ops.aten
 LINEAR = aten.linear.default
@@ -150,3 +150,19 @@ def test_pass_result_reports_modification():
     _, gm = zoo_model("reference")
     assert split_rope_score(gm).modified
     assert isinstance(split_rope_score(gm), PassResult) and not split_rope_score(gm).modified
+
+
+@pytest.mark.skipif(not has_transformers(), reason="transformers not installed")
+def test_lower_complex_removes_complex_rope_from_deepseek_v2():
+    from mla_fx.passes.lower_complex import lower_complex
+
+    model, gm = zoo_model("deepseek_v2")
+    complex_ops = {aten.view_as_complex.default, aten.view_as_real.default, aten.polar.default}
+    assert sum(n.target in complex_ops for n in gm.graph.nodes) > 0
+    gm = _run(gm, [lower_complex])
+    assert sum(n.target in complex_ops for n in gm.graph.nodes) == 0
+    assert not any(getattr(n.meta.get("val"), "is_complex", lambda: False)() for n in gm.graph.nodes)
+    _same_numbers(model, gm, tol=1e-6)  # float32 rounding: the original multiplies with fused ops
+    gm = _run(gm, [split_rope_score, absorb_uk, absorb_uv, to_latent_attention, verify_latent_only])
+    assert count(gm, LATENT) == LAYERS
+    _same_numbers(model, gm, tol=1e-5)
