@@ -43,3 +43,36 @@ def choose_mode(specs: Sequence[MLASpec]) -> str:
     """The mode that reads fewer weight bytes per decoded token over the whole model."""
     totals = {m: sum(mode_costs(s)[m].params for s in specs) for m in MODES}
     return min(MODES, key=lambda m: (totals[m], MODES.index(m)))
+
+
+def prefill_flops(spec: MLASpec, new_tokens: int, cached_tokens: int) -> dict[str, int]:
+    """FLOPs of one MLA attention for `new_tokens` queries over `cached_tokens + new_tokens` keys.
+
+    un-absorbed: expand K/V of every key from the latent (W_UK, W_UV), attention with head dims
+    d_nope + d_r and d_v. absorbed: W_UK/W_UV per query, MQA with head dim d_c + d_r and d_c.
+    """
+    h, dn, dr, dv, dc = (spec.n_heads, spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim,
+                         spec.kv_lora_rank)
+    s, t = new_tokens, cached_tokens + new_tokens
+    return {
+        "unabsorbed": 2 * t * dc * h * (dn + dv) + 2 * h * s * t * (dn + dr + dv),
+        "absorbed": 2 * s * h * dc * (dn + dv) + 2 * h * s * t * (2 * dc + dr),
+    }
+
+
+def crossover_tokens(spec: MLASpec) -> float:
+    """New tokens sharing a long cached prefix above which un-absorbed attention costs fewer FLOPs.
+
+    As cached_tokens -> inf the costs per cached token are 2 d_c H (d_nope + d_v) + 2 H S (d_nope + d_r + d_v)
+    and 2 H S (2 d_c + d_r): they cross at S = d_c (d_nope + d_v) / (2 d_c + d_r - (d_nope + d_r + d_v)).
+    DeepSeek-V3: 512 * 256 / 768 = 170.7. Infinite when absorbed attention is never the more expensive.
+    """
+    dn, dr, dv, dc = spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim, spec.kv_lora_rank
+    extra = 2 * dc + dr - (dn + dr + dv)
+    return dc * (dn + dv) / extra if extra > 0 else float("inf")
+
+
+def use_prefill_program(spec: MLASpec, prompt_tokens: int) -> bool:
+    """A prompt with no cached prefix: run it un-absorbed when that costs fewer FLOPs."""
+    costs = prefill_flops(spec, prompt_tokens, 0)
+    return costs["unabsorbed"] <= costs["absorbed"]

@@ -12,21 +12,23 @@ from torch import fx, nn
 from torch.export import Dim
 
 
-def sequence_dims(max_seq: int, dynamic_batch: bool = True) -> tuple[dict[int, Dim], ...]:
+def sequence_dims(max_seq: int, dynamic_batch: bool = True, inputs: int = 1) -> tuple[dict[int, Dim], ...]:
+    """Dynamic [batch, seq] for each of `inputs` token-shaped inputs (input_ids, position_ids, ...)."""
     dims = {1: Dim("seq", min=1, max=max_seq)}
     if dynamic_batch:
         dims[0] = Dim("batch", min=1, max=1024)
-    return (dims,)
+    return tuple(dict(dims) for _ in range(inputs))
 
 
 def export_program(
     model: nn.Module, example: tuple[torch.Tensor, ...], max_seq: int
 ) -> torch.export.ExportedProgram:
     """torch.export with dynamic batch and sequence; falls back to dynamic sequence only."""
+    n = len(example)
     try:
-        return torch.export.export(model, example, dynamic_shapes=sequence_dims(max_seq), strict=False)
+        return torch.export.export(model, example, dynamic_shapes=sequence_dims(max_seq, inputs=n), strict=False)
     except Exception:  # some models specialise the batch size (e.g. masks built for B=1)
-        return torch.export.export(model, example, dynamic_shapes=sequence_dims(max_seq, False), strict=False)
+        return torch.export.export(model, example, dynamic_shapes=sequence_dims(max_seq, False, n), strict=False)
 
 
 def graph_module(program: torch.export.ExportedProgram) -> fx.GraphModule:

@@ -170,7 +170,7 @@ def rope_inv_freq(config: MLAConfig) -> tuple[torch.Tensor, float]:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
-    """x [B, h, S, d_r]; cos/sin [S, d_r/2] (already scaled by the YaRN mscale ratio)."""
+    """x [B, h, S, d_r]; cos/sin [B, 1, S, d_r/2] (already scaled by the YaRN mscale ratio)."""
     if layout == "interleaved":  # pairs (x0, x1), (x2, x3), ... rotated by angle t * inv_freq[j]
         x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
         return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
@@ -281,19 +281,22 @@ class MLAForCausalLM(nn.Module):
         # inv_freq is a float64 constant, not a buffer, so model.to(bfloat16) cannot round it.
         self.inv_freq, self.rope_mscale = rope_inv_freq(config)
 
-    def rope_cos_sin(self, seq_len: int, dtype: torch.dtype, device: torch.device):
-        """cos/sin [S, d_r/2] for positions 0..S-1, computed in float32 (float64 for float64 models)."""
+    def rope_cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """cos/sin [B, 1, S, d_r/2] for positions [B, S], computed in float32 (float64 for float64 models)."""
         work = torch.float64 if dtype == torch.float64 else torch.float32
-        t = torch.arange(seq_len, device=device, dtype=work)
-        freqs = torch.outer(t, self.inv_freq.to(device=device, dtype=work))
+        t = position_ids.to(work)[:, None, :, None]
+        freqs = t * self.inv_freq.to(device=position_ids.device, dtype=work)
         cos, sin = freqs.cos(), freqs.sin()
         if self.rope_mscale != 1.0:
             cos, sin = cos * self.rope_mscale, sin * self.rope_mscale
         return cos.to(dtype), sin.to(dtype)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """logits [B, S, V]; positions default to 0..S-1 (no cache: the model itself never caches)."""
         x = self.embed(input_ids)
-        cos, sin = self.rope_cos_sin(input_ids.shape[1], x.dtype, x.device)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        cos, sin = self.rope_cos_sin(position_ids, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.lm_head(self.norm(x))
