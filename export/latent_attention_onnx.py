@@ -1,0 +1,47 @@
+"""The ONNX form of mla_fx::latent_attention: a custom-domain node with a function body.
+
+The node `mla_fx::LatentAttention(q_latent, q_rope, latent_kv, attn_mask)` carries the attributes in
+ATTRIBUTES (names, order and types are the TensorRT plugin's registration, see DESIGN.md section 4).
+The model also carries an ONNX *function* of that domain and name whose body is standard ops
+(Concat, Unsqueeze, Slice, Attention-23), so ONNX Runtime runs the node, and TensorRT can replace it
+with the registered plugin.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnxscript
+from onnxscript import opset23 as op
+
+DOMAIN = "mla_fx"
+OP_TYPE = "LatentAttention"
+PLUGIN_NAMESPACE = "mla_fx"
+OPSET_VERSION = 1
+# (name, ONNX attribute type): the order is the plugin's parameter order after its input tensors
+ATTRIBUTES = (("scale", onnx.AttributeProto.FLOAT), ("kv_lora_rank", onnx.AttributeProto.INT),
+              ("rope_dim", onnx.AttributeProto.INT), ("plugin_namespace", onnx.AttributeProto.STRING))
+
+_opset = onnxscript.values.Opset(DOMAIN, OPSET_VERSION)
+
+
+@onnxscript.script(opset=_opset, default_opset=op)
+def LatentAttention(q_latent, q_rope, latent_kv, attn_mask, scale: float, kv_lora_rank: int, rope_dim: int,
+                    plugin_namespace: str):
+    """MQA over the latent row: Q = [q_latent ; q_rope] [B,H,S,d_c+d_r], K = row [B,1,T,d_c+d_r], V = K[..., :d_c]."""
+    q = op.Concat(q_latent, q_rope, axis=-1)
+    k = op.Unsqueeze(latent_kv, [1])
+    d_c = op.Reshape(op.Constant(value_int=kv_lora_rank), [1])
+    v = op.Slice(k, [0], d_c, [-1])
+    return op.Attention(q, k, v, attn_mask, scale=scale)
+
+
+def function_proto() -> onnx.FunctionProto:
+    return LatentAttention.to_function_proto()
+
+
+def attributes(scale: float, kv_lora_rank: int, rope_dim: int) -> dict[str, float | int | str]:
+    """Attribute values in registration order."""
+    values = {"scale": float(scale), "kv_lora_rank": int(kv_lora_rank), "rope_dim": int(rope_dim),
+              "plugin_namespace": PLUGIN_NAMESPACE}
+    assert list(values) == [name for name, _ in ATTRIBUTES]
+    return values

@@ -1,0 +1,124 @@
+"""ONNX export of the inference programs: step.onnx and prefill.onnx plus a manifest, in one folder.
+
+`mla-fx export MODEL --onnx -o DIR`. Opset 23, dynamic batch / new tokens / cached tokens, weights as
+external data when large, inputs and outputs named like HF/optimum past_key_values:
+input_ids, position_ids, attention_mask, past_latent.{i} -> logits, present_latent.{i}.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch.export import Dim
+from torch.fx.passes.shape_prop import ShapeProp
+
+from mla_fx.errors import MLAFXError
+from mla_fx.inference import InferencePrograms
+from mla_fx.passes.lower_complex import lower_complex
+from mla_fx.passes.manager import run_passes
+
+from .latent_attention_onnx import DOMAIN, function_proto
+from .lower_latent_attention import lower_latent_attention
+
+OPSET = 23
+IR_VERSION = 10  # onnx 1.23 writes 14 by default; onnxruntime 1.31 reads at most 13
+MANIFEST = "mla_fx_export.json"
+FORMAT = "mla-fx-onnx/1"
+EXTERNAL_DATA_BYTES = 512 * 2**20  # weights beside the model above this (protobuf's limit is 2 GiB)
+ONNX_ELEM_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
+                   onnx.TensorProto.DOUBLE: 8}
+
+
+def _dynamic_shapes(programs: InferencePrograms, name: str) -> tuple[dict[int, Any], ...]:
+    batch, new = Dim("batch", min=1, max=1024), Dim("new_tokens", min=1, max=programs.max_seq)
+    tokens = {0: batch, 1: new}
+    if name == "prefill":
+        return tokens, tokens, tokens
+    past = Dim("past_tokens", min=0, max=programs.max_seq)
+    return (tokens, tokens, {0: batch, 1: Dim.AUTO}, *({0: batch, 1: past} for _ in programs.sites))
+
+
+def export_program(programs: InferencePrograms, name: str, attention: str, opset: int = OPSET) -> onnx.ModelProto:
+    gm = copy.deepcopy(programs.step if name == "step" else programs.prefill)
+    example = programs.step_example() if name == "step" else programs.prefill_example()
+    ShapeProp(gm).propagate(*example)
+    gm, _ = run_passes(gm, [lower_complex, lower_latent_attention(attention)], None)
+    try:
+        onnx_program = torch.onnx.export(
+            gm, example, dynamic_shapes=_dynamic_shapes(programs, name), input_names=programs.input_names(name),
+            output_names=programs.output_names(), opset_version=opset, dynamo=True, optimize=True, verbose=False)
+    except Exception as e:
+        raise MLAFXError(f"ONNX export of the {name} program failed: {type(e).__name__}: {e}") from e
+    model = onnx_program.model_proto
+    if any(n.domain == DOMAIN for n in model.graph.node):
+        model.functions.append(function_proto())
+    model.ir_version = min(model.ir_version, IR_VERSION)
+    return model
+
+
+def cache_report(model: onnx.ModelProto, programs: InferencePrograms) -> list[dict[str, int]]:
+    """Bytes per token per layer read off the exported cache inputs, next to the other layouts."""
+    rows = []
+    inputs = {i.name: i for i in model.graph.input}
+    for i, site in enumerate(programs.sites):
+        t = inputs[f"past_latent.{i}"].type.tensor_type
+        width, elem = t.shape.dim[-1].dim_value, ONNX_ELEM_BYTES[t.elem_type]
+        values = site.spec.cache_values_per_token()
+        rows.append({"layer": i, "latent_values": width, "latent_bytes": width * elem,
+                     "expanded_kv_bytes": values["expanded_kv"] * elem,
+                     "hf_transformers_bytes": values["hf_transformers"] * elem})
+    return rows
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    large = model.ByteSize() > EXTERNAL_DATA_BYTES
+    if large:
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data", size_threshold=1024)
+        onnx.checker.check_model(str(path))
+    else:
+        onnx.checker.check_model(model)
+        onnx.save_model(model, path)
+
+
+def export_onnx(programs: InferencePrograms, out: Path, *, attention: str = "custom", opset: int = OPSET,
+                model_name: str = "", tokenizer: str | None = None, progress=None) -> dict[str, Any]:
+    """Write step.onnx, prefill.onnx and the manifest into `out`, all or nothing."""
+    out = Path(out)
+    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise MLAFXError(f"{out} exists and is not an mla-fx export; choose another output directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    try:
+        files = {}
+        for name in ("step", "prefill"):
+            if progress:
+                progress(f"exporting the {name} program to ONNX (opset {opset}, attention {attention})")
+            model = export_program(programs, name, attention, opset)
+            _save(model, tmp / f"{name}.onnx")
+            files[name] = model
+        manifest = {
+            "format": FORMAT, "model": model_name, "opset": opset, "attention": attention,
+            "dtype": str(programs.dtype).removeprefix("torch."), "vocab_size": programs.vocab_size,
+            "max_seq": programs.max_seq, "mode": programs.mode, "tokenizer": tokenizer,
+            "programs": {name: {"file": f"{name}.onnx", "inputs": programs.input_names(name),
+                                "outputs": programs.output_names()} for name in files},
+            "layers": [{"latent_dim": s.spec.latent_dim, "spec": s.spec.to_dict()} for s in programs.sites],
+            "cache_bytes_per_token": cache_report(files["step"], programs),
+            "crossover_tokens": programs.stats.get("crossover_tokens"),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
