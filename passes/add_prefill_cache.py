@@ -24,7 +24,7 @@ from torch import fx
 
 from mla_fx.errors import NoMLAError
 
-from ._graph import last_dim_parts, layout_source, shape, strip_expand
+from ._graph import last_dim_parts, shape, strip_expand
 from ._inference import flat_signature, outputs, padding_causal_mask, placeholder, set_outputs
 from .find_mla_sites import find_sites, no_mla_message
 from .manager import PassResult
