@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,6 +27,9 @@ from mla_fx.passes.manager import run_passes
 
 from .latent_attention_onnx import DOMAIN, function_proto
 from .lower_latent_attention import lower_latent_attention
+
+# torch.onnx lists every optional op library it cannot find (torchvision, ...) on each export
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 OPSET = 23
 IR_VERSION = 10  # onnx 1.23 writes 14 by default; onnxruntime 1.31 reads at most 13
@@ -46,7 +50,7 @@ def _dynamic_shapes(programs: InferencePrograms, name: str) -> tuple[dict[int, A
 
 
 def export_program(programs: InferencePrograms, name: str, attention: str, opset: int = OPSET) -> onnx.ModelProto:
-    gm = copy.deepcopy(programs.step if name == "step" else programs.prefill)
+    gm = copy.deepcopy(programs.step if name == "step" else programs.prefill).eval()
     example = programs.step_example() if name == "step" else programs.prefill_example()
     ShapeProp(gm).propagate(*example)
     gm, _ = run_passes(gm, [lower_complex, lower_latent_attention(attention)], None)

@@ -53,8 +53,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rewritten", type=Path, help="compare this absorbed .pt2 instead of rewriting in memory")
     p.add_argument("--dtypes", default=None, help="comma separated (default float64,float32[,bfloat16])")
 
+    p.add_argument("--onnx", type=Path, metavar="DIR",
+                   help="compare the original, the rewritten inference programs and this ONNX export")
+    p.add_argument("--decode-steps", type=int, default=64, help="token-by-token decode steps with --onnx")
+
     p = sub.add_parser("inspect", help="list the MLA sites and their specs, without rewriting")
     _model_args(p)
+
+    p = sub.add_parser("export", help="inference programs over the latent KV cache, exported to ONNX")
+    _model_args(p)
+    p.add_argument("--onnx", action="store_true", help="export ONNX models (step.onnx, prefill.onnx)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output directory")
+    p.add_argument("--mode", choices=["auto", "reassociate", "fold"], default="auto", help="absorption mode")
+    p.add_argument("--attention", choices=["custom", "standard"], default="custom",
+                   help="custom: mla_fx::LatentAttention node with a standard-op function body (TensorRT maps it "
+                        "to its plugin); standard: the ONNX Attention op")
+    p.add_argument("--opset", type=int, default=23, help="ONNX opset (>= 23, for Attention)")
+    p.add_argument("--decode-steps", type=int, default=16, help="decode steps in the check after export")
+    p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime check after export")
+
+    p = sub.add_parser("generate", help="generate with an ONNX export in ONNX Runtime")
+    p.add_argument("export_dir", type=Path, metavar="DIR", help="a folder written by mla-fx export --onnx")
+    p.add_argument("--prompt", action="append", default=[], help="a text prompt (byte-level models); repeatable")
+    p.add_argument("--ids", action="append", default=[], help="a prompt as comma-separated token ids; repeatable")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
     return parser
 
 
@@ -136,6 +162,24 @@ def _print_comparisons(comparisons) -> None:
     print(summary(comparisons))
 
 
+def _check_onnx(args, loaded, progress):
+    from mla_fx.absorb import AbsorbConfig
+    from mla_fx.check_backends import check_backends
+    from mla_fx.inference import build_programs
+    from mla_fx.ort_backend import OnnxBackend
+    from mla_fx.torch_backend import TorchBackend
+
+    onnx_backend = OnnxBackend(args.onnx)
+    progress("building the rewritten inference programs")
+    programs = build_programs(loaded, AbsorbConfig(mode=args.mode))
+    if onnx_backend.latent_dims != programs.latent_dims or onnx_backend.vocab_size != programs.vocab_size:
+        raise MLAFXError(f"{args.onnx} was exported from another model (cache widths {onnx_backend.latent_dims}, "
+                         f"vocab {onnx_backend.vocab_size}; MODEL has {programs.latent_dims}, {programs.vocab_size})")
+    progress(f"comparing original vs rewritten vs ONNX Runtime ({args.decode_steps} decode steps)")
+    return check_backends(loaded.reference(), [("rewritten", TorchBackend(programs)), ("onnxruntime", onnx_backend)],
+                          _prompts_for(loaded), args.decode_steps, programs.dtype)
+
+
 def cmd_check(args) -> int:
     from mla_fx.absorb import AbsorbConfig
     from mla_fx.api import Progress, absorb_and_check, prompts
@@ -145,7 +189,9 @@ def cmd_check(args) -> int:
     progress = Progress(args.quiet)
     loaded = load_model(args.model, config=args.config, trust_pickle=args.trust_pickle)
     comparisons = []
-    if args.rewritten is not None:
+    if args.onnx is not None:
+        comparisons += _check_onnx(args, loaded, progress)
+    elif args.rewritten is not None:
         rewritten = load_model(args.rewritten)
         if rewritten.program is None:
             raise MLAFXError(f"--rewritten {args.rewritten} is not a torch.export program (.pt2)")
@@ -164,10 +210,95 @@ def cmd_check(args) -> int:
     return 0 if all(c.passed for c in comparisons) else 1
 
 
+def _prompts_for(loaded) -> list[list[int]]:
+    from mla_fx.check_backends import default_prompts
+    from mla_fx.models.tokenizer import encode
+
+    if loaded.source == "builtin":
+        return [encode("The "), encode("A list of ")]
+    return default_prompts(loaded.vocab_size)
+
+
+def _print_cache(manifest) -> None:
+    print(f"{'layer':>5} {'latent values':>14} {'latent B/tok':>13} {'expanded K/V B/tok':>19} "
+          f"{'HF transformers B/tok':>22}")
+    for row in manifest["cache_bytes_per_token"]:
+        print(f"{row['layer']:>5} {row['latent_values']:>14} {row['latent_bytes']:>13} "
+              f"{row['expanded_kv_bytes']:>19} {row['hf_transformers_bytes']:>22}")
+    crossover = manifest.get("crossover_tokens") or []
+    if crossover:
+        print(f"cache dtype {manifest['dtype']}; HF transformers caches the latent too but re-expands it through "
+              f"kv_b every step. Un-absorbed attention is cheaper above {crossover[0]:.1f} new tokens over a long "
+              "cached prefix; a prompt with no prefix runs the prefill program.")
+
+
+def cmd_export(args) -> int:
+    from mla_fx.absorb import AbsorbConfig
+    from mla_fx.api import Progress
+    from mla_fx.check_backends import check_backends
+    from mla_fx.export.onnx import export_onnx
+    from mla_fx.inference import build_programs
+    from mla_fx.loading import load_model
+    from mla_fx.ort_backend import OnnxBackend
+
+    if not args.onnx:
+        raise MLAFXError("choose an output format: --onnx")
+    if args.opset < 23:
+        raise MLAFXError(f"--opset {args.opset}: the exported attention needs opset 23 or later")
+    progress = Progress(args.quiet)
+    progress(f"loading {args.model}")
+    loaded = load_model(args.model, config=args.config, trust_pickle=args.trust_pickle)
+    progress("building the step (absorbed) and prefill (un-absorbed) programs")
+    programs = build_programs(loaded, AbsorbConfig(mode=args.mode))
+    manifest = export_onnx(programs, args.output, attention=args.attention, opset=args.opset,
+                           model_name=loaded.name, tokenizer="bytes" if loaded.source == "builtin" else None,
+                           progress=progress)
+    print(f"{loaded.name}: {len(programs.sites)} MLA layer(s), mode {programs.mode}, wrote {args.output}/"
+          f"{{step,prefill}}.onnx")
+    _print_cache(manifest)
+    if args.no_check:
+        return 0
+    progress(f"checking ONNX Runtime against the original ({args.decode_steps} decode steps)")
+    ort_backend = OnnxBackend(args.output, ["CPUExecutionProvider"])
+    comparisons = check_backends(loaded.reference(), [("onnxruntime", ort_backend)], _prompts_for(loaded),
+                                 args.decode_steps, programs.dtype)
+    _print_comparisons(comparisons)
+    if not all(c.passed for c in comparisons):
+        import shutil
+
+        shutil.rmtree(args.output, ignore_errors=True)
+        raise CheckFailed(f"ONNX Runtime does not match the original; removed {args.output}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from mla_fx.models.tokenizer import decode, encode
+    from mla_fx.ort_backend import OnnxBackend
+    from mla_fx.runtime import generate
+
+    providers = {"auto": None, "cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider"]}[args.provider]
+    backend = OnnxBackend(args.export_dir, providers)
+    text = backend.manifest.get("tokenizer") == "bytes"
+    if args.prompt and not text:
+        raise MLAFXError(f"{args.export_dir} has no tokenizer mla-fx can run; give prompts as --ids 1,2,3")
+    try:
+        prompts = [encode(p) for p in args.prompt] + [[int(t) for t in i.split(",") if t.strip()] for i in args.ids]
+    except ValueError as e:
+        raise MLAFXError(f"--ids takes comma-separated integers: {e}") from e
+    if not prompts:
+        raise MLAFXError("give at least one --prompt TEXT or --ids 1,2,3")
+    outs = generate(backend, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    seed=args.seed)
+    for prompt, new in zip(prompts, outs, strict=True):
+        print(decode(prompt + new) if text else ",".join(map(str, prompt + new)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")  # torch.export internals
-    handler = {"absorb": cmd_absorb, "check": cmd_check, "inspect": cmd_inspect}[args.command]
+    handler = {"absorb": cmd_absorb, "check": cmd_check, "inspect": cmd_inspect, "export": cmd_export,
+               "generate": cmd_generate}[args.command]
     try:
         return handler(args)
     except MLAFXError as e:
