@@ -1,0 +1,113 @@
+"""mla-fx export / generate / check --onnx from the command line, and their error handling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mla_fx import cli
+from mla_fx.check import greedy
+from mla_fx.errors import LoadError, MLAFXError
+from mla_fx.export import onnx as onnx_export
+from mla_fx.models.tokenizer import decode, encode
+from mla_fx.models.trained import load_tiny_mla
+from mla_fx.ort_backend import OnnxBackend
+
+
+@pytest.fixture(scope="module")
+def example_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("example") / "onnx"
+    assert cli.main(["export", "example", "--onnx", "-o", str(out), "--decode-steps", "4", "-q"]) == 0
+    return out
+
+
+def test_export_then_generate_prints_the_original_models_text(example_export, capsys):
+    capsys.readouterr()
+    prompts = ["The ", "A list of "]
+    assert cli.main(["generate", str(example_export), "--prompt", prompts[0], "--prompt", prompts[1],
+                     "--max-new-tokens", "48"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    model = load_tiny_mla()
+    want = [p + decode(greedy(model, torch.tensor([encode(p)]), 48)[0].tolist()) for p in prompts]
+    assert lines == want
+
+
+def test_export_prints_the_cache_report(tmp_path, capsys):
+    out = tmp_path / "ref"
+    assert cli.main(["export", "zoo:reference", "--onnx", "-o", str(out), "--no-check", "-q"]) == 0
+    text = capsys.readouterr().out
+    # reference zoo sizes: d_c 32 + d_r 8 = 40 values (160 B in float32), 4 heads x (16 + 8 + 12) expanded
+    assert "    0             40           160                 576                    160" in text
+    assert sorted(p.name for p in out.iterdir()) == ["mla_fx_export.json", "prefill.onnx", "step.onnx"]
+
+
+def test_check_onnx_compares_three_ways(example_export, capsys):
+    assert cli.main(["check", "example", "--onnx", str(example_export), "--decode-steps", "8", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "PASSED | decode logits[rewritten, 8 steps]" in out and "PASSED | decode logits[onnxruntime, 8 steps]" in out
+
+
+def test_check_onnx_refuses_an_export_of_another_model(example_export, capsys):
+    assert cli.main(["check", "zoo:reference", "--onnx", str(example_export), "-q"]) == 1
+    assert "exported from another model" in capsys.readouterr().err
+
+
+def test_backend_rejects_wrong_inputs_with_clear_errors(example_export):
+    backend = OnnxBackend(example_export)
+    width = backend.latent_dims[0]
+    ids, pos, mask = np.array([[1, 2]]), np.array([[0, 1]]), np.ones((1, 2), np.int64)
+    past = [np.zeros((1, 0, d), np.float32) for d in backend.latent_dims]
+    with pytest.raises(MLAFXError, match="input_ids must be a 2-D array"):
+        backend.step(ids[0], pos, mask, past)
+    with pytest.raises(MLAFXError, match="position_ids must be int64"):
+        backend.step(ids, pos.astype(np.int32), mask, past)
+    with pytest.raises(MLAFXError, match=f"has {width + 1} values per token; this model caches {width}"):
+        backend.step(ids, pos, mask, [np.zeros((1, 0, width + 1), np.float32)] + past[1:])
+    with pytest.raises(MLAFXError, match="attention_mask must be"):
+        backend.step(ids, pos, np.ones((1, 3), np.int64), past)
+    with pytest.raises(MLAFXError, match="past_latent.0 must be float32"):
+        backend.step(ids, pos, mask, [p.astype(np.float64) for p in past])
+
+
+def test_not_an_export_directory(tmp_path, capsys):
+    with pytest.raises(LoadError, match="is not an mla-fx ONNX export"):
+        OnnxBackend(tmp_path)
+    assert cli.main(["generate", str(tmp_path), "--ids", "1,2"]) == 1
+    assert "not an mla-fx ONNX export" in capsys.readouterr().err
+
+
+def test_export_into_a_foreign_directory_is_refused(tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("keep me")
+    assert cli.main(["export", "zoo:reference", "--onnx", "-o", str(tmp_path), "--no-check", "-q"]) == 1
+    assert "is not an mla-fx export" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+
+
+def test_a_failed_export_leaves_no_directory(tmp_path, monkeypatch, capsys):
+    real = onnx_export.export_program
+    calls = []
+
+    def fail_on_prefill(programs, name, attention, opset=23):
+        calls.append(name)
+        if name == "prefill":
+            raise MLAFXError("simulated failure")
+        return real(programs, name, attention, opset)
+
+    monkeypatch.setattr(onnx_export, "export_program", fail_on_prefill)
+    assert cli.main(["export", "zoo:reference", "--onnx", "-o", str(tmp_path / "out"), "--no-check", "-q"]) == 1
+    assert calls == ["step", "prefill"] and list(tmp_path.iterdir()) == []
+
+
+def test_generate_argument_errors(example_export, capsys):
+    assert cli.main(["generate", str(example_export)]) == 1
+    assert "at least one --prompt" in capsys.readouterr().err
+    assert cli.main(["generate", str(example_export), "--ids", "1,x"]) == 1
+    assert "comma-separated integers" in capsys.readouterr().err
+    assert cli.main(["generate", str(example_export), "--ids", "99999"]) == 1
+    assert "token ids must be in [0, 256)" in capsys.readouterr().err
+
+
+def test_opset_below_23_is_refused(tmp_path, capsys):
+    assert cli.main(["export", "zoo:reference", "--onnx", "--opset", "18", "-o", str(tmp_path / "o"), "-q"]) == 1
+    assert "needs opset 23" in capsys.readouterr().err
