@@ -57,15 +57,8 @@ def _(q_nope, q_rope, k_nope, k_rope, v, attn_mask, scale, is_causal):
     return q_nope.new_empty((b, h, s, v.shape[-1]))
 
 
-@torch.library.custom_op("mla_fx::latent_attention", mutates_args=())
-def latent_attention(
-    q_latent: Tensor,
-    q_rope: Tensor,
-    latent_kv: Tensor,
-    attn_mask: Tensor | None,
-    scale: float,
-    is_causal: bool,
-) -> Tensor:
+def latent_attention_reference(q_latent: Tensor, q_rope: Tensor, latent_kv: Tensor, attn_mask: Tensor | None,
+                               scale: float, is_causal: bool) -> Tensor:
     """MQA over the latent cache.
 
     q_latent [B,H,S,d_c] (W_UK already applied), q_rope [B,H,S,d_r] (after RoPE),
@@ -78,6 +71,46 @@ def latent_attention(
     return _attend(scores * scale, c_kv, attn_mask, is_causal).to(q_latent.dtype).contiguous()
 
 
+@torch.library.custom_op("mla_fx::latent_attention", mutates_args=())
+def latent_attention(
+    q_latent: Tensor,
+    q_rope: Tensor,
+    latent_kv: Tensor,
+    attn_mask: Tensor | None,
+    scale: float,
+    is_causal: bool,
+) -> Tensor:
+    """MQA over the latent cache; reference math here, the Triton decode kernel on CUDA."""
+    return latent_attention_reference(q_latent, q_rope, latent_kv, attn_mask, scale, is_causal)
+
+
 @latent_attention.register_fake
 def _(q_latent, q_rope, latent_kv, attn_mask, scale, is_causal):
     return torch.empty_like(q_latent)
+
+
+def kernel_eligible(q_latent: Tensor, q_rope: Tensor, attn_mask: Tensor | None) -> bool:
+    """The Triton kernel serves decode: one query token, a key-only mask, power-of-two parts."""
+    d_c, d_r = q_latent.shape[-1], q_rope.shape[-1]
+    key_mask_only = attn_mask is None or (attn_mask.dim() == 4 and attn_mask.shape[-2] == 1
+                                          and attn_mask.dtype == torch.bool)
+    return (q_latent.shape[2] == 1 and key_mask_only and q_latent.dtype in (torch.float16, torch.bfloat16,
+                                                                                torch.float32)
+            and d_c & (d_c - 1) == 0 and d_r & (d_r - 1) == 0 and d_c >= 16 and d_r >= 16)
+
+
+def latent_attention_with_kernel(q_latent: Tensor, q_rope: Tensor, latent_kv: Tensor, attn_mask: Tensor | None,
+                                 scale: float, is_causal: bool) -> Tensor:
+    """The op's CUDA implementation: the Triton decode kernel where it applies, reference math elsewhere."""
+    if not kernel_eligible(q_latent, q_rope, attn_mask):
+        return latent_attention_reference(q_latent, q_rope, latent_kv, attn_mask, scale, is_causal)
+    from mla_fx.kernels.latent_attention import latent_attention_decode
+
+    kv = latent_kv if latent_kv.stride(-1) == 1 else latent_kv.contiguous()
+    key_mask = attn_mask.expand(-1, 1, 1, -1) if attn_mask is not None else None
+    return latent_attention_decode(q_latent, q_rope, kv, scale, key_mask=key_mask)
+
+
+@latent_attention.register_kernel("cuda")
+def _(q_latent, q_rope, latent_kv, attn_mask, scale, is_causal):
+    return latent_attention_with_kernel(q_latent, q_rope, latent_kv, attn_mask, scale, is_causal)

@@ -1,0 +1,1 @@
+"""Triton kernels for latent attention (decode). Importing needs triton: pip install 'mla-fx[triton]'."""
