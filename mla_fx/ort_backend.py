@@ -51,6 +51,9 @@ class OnnxBackend:
         self.manifest = read_manifest(self.directory)
         self.latent_dims = [layer["latent_dim"] for layer in self.manifest["layers"]]
         self.vocab_size = int(self.manifest["vocab_size"])
+        if self.manifest["dtype"] not in NUMPY_DTYPES:
+            raise LoadError(f"{directory} holds {self.manifest['dtype']} programs; ONNX Runtime here runs "
+                            f"{', '.join(NUMPY_DTYPES)} (bfloat16 exports are for TensorRT)")
         self.float_dtype = np.dtype(NUMPY_DTYPES[self.manifest["dtype"]])
         providers = list(providers) if providers else default_providers(ort)
         self.sessions = {}

@@ -111,3 +111,18 @@ def test_generate_argument_errors(example_export, capsys):
 def test_opset_below_23_is_refused(tmp_path, capsys):
     assert cli.main(["export", "zoo:reference", "--onnx", "--opset", "18", "-o", str(tmp_path / "o"), "-q"]) == 1
     assert "needs opset 23" in capsys.readouterr().err
+
+
+def test_float16_export_runs_in_onnx_runtime(tmp_path, capsys):
+    out = tmp_path / "fp16"
+    assert cli.main(["export", "zoo:reference", "--onnx", "--dtype", "float16", "-o", str(out),
+                     "--decode-steps", "8", "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "PASSED | decode logits[onnxruntime, 8 steps]" in text and "(tol 0.02)" in text
+    backend = OnnxBackend(out)
+    assert backend.float_dtype == np.float16
+    import onnx
+
+    step = onnx.load(out / "step.onnx")
+    past = next(i for i in step.graph.input if i.name == "past_latent.0")
+    assert past.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
