@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -111,4 +111,4 @@ def save_report(report: dict[str, Any], path: Path) -> None:
     _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(report, indent=2, default=str) + "\n"))
 
 
-__all__ = ["ABSORB_PIPELINE", "AbsorbConfig", "AbsorbResult", "absorb", "asdict", "save_program", "to_program"]
+__all__ = ["ABSORB_PIPELINE", "AbsorbConfig", "AbsorbResult", "absorb", "save_program", "to_program"]

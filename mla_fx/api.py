@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -9,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import fx
 
 from mla_fx.absorb import AbsorbConfig, AbsorbResult, absorb, save_program, save_report, to_program
 from mla_fx.check import DTYPES, Comparison, compare_generation, compare_logits, random_inputs
@@ -99,7 +99,8 @@ def absorb_and_check(loaded: LoadedModel, config: AbsorbConfig, dtype: torch.dty
     if dump_graphs is not None:
         dump_graphs.mkdir(parents=True, exist_ok=True)
         (dump_graphs / f"{name}_00_captured.py").write_text(gm.code)
-        hooks.append(lambda n, r, i=[0]: _dump(dump_graphs, name, n, r.gm, i))
+        counter = itertools.count(1)
+        hooks.append(lambda n, r: (dump_graphs / f"{name}_{next(counter):02d}_{n}.py").write_text(r.gm.code))
     if each_pass:
         hooks.append(_each_pass_checker(reference, dtype, loaded.vocab_size, progress))
     result = absorb(gm, config, lambda n, r: [h(n, r) for h in hooks], pipeline)
@@ -112,11 +113,6 @@ def absorb_and_check(loaded: LoadedModel, config: AbsorbConfig, dtype: torch.dty
                 run.comparisons.append(compare_generation(reference, result.gm, prompt, generate_tokens,
                                                           f"{name} {label}"))
     return run
-
-
-def _dump(folder: Path, dtype: str, pass_name: str, gm: fx.GraphModule, counter: list[int]) -> None:
-    counter[0] += 1
-    (folder / f"{dtype}_{counter[0]:02d}_{pass_name}.py").write_text(gm.code)
 
 
 def _brief(stats: dict) -> str:

@@ -86,10 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_sites(result_or_sites, mode: str | None = None) -> None:
+def _print_sites(sites, mode: str | None = None) -> None:
     from mla_fx.cost import mode_costs
 
-    sites = result_or_sites
     print(f"{'layer':>5}  {'module':<34} {'H':>4} {'d_c':>5} {'d_r':>4} {'d_nope':>6} {'d_v':>4} {'q_lora':>6} "
           f"{'scale':>8} {'rope':<12} {'KV B/tok bf16':>14} {'latent B/tok':>12}")
     for i, s in enumerate(sites):

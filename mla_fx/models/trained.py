@@ -1,9 +1,8 @@
-"""The small trained MLA demo model that ships with mla-fx, and a greedy generator for any ids->logits callable."""
+"""The small trained MLA demo model that ships with mla-fx."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,22 +44,3 @@ def load_reference_dir(path: str | Path, dtype: torch.dtype = torch.float32) -> 
 def load_tiny_mla(dtype: torch.dtype = torch.float32) -> MLAForCausalLM:
     """The shipped byte-level MLA LM trained on Python's docs (see scripts/train_tiny_mla.py)."""
     return load_reference_dir(TINY_MLA_DIR, dtype)
-
-
-@torch.no_grad()
-def greedy_generate(
-    model_callable: Callable[[torch.Tensor], torch.Tensor], prompt_ids: torch.Tensor, max_new_tokens: int
-) -> torch.Tensor:
-    """Greedy decoding that recomputes the whole sequence each step (no cache).
-
-    model_callable maps ids [1, S] -> logits [1, S, V] (an nn.Module or an exported program's module).
-    Returns [1, S + max_new_tokens]. Ties resolve to the lowest id (torch.argmax), so it is deterministic.
-    """
-    ids = prompt_ids
-    if ids.dim() == 1:
-        ids = ids.unsqueeze(0)
-    for _ in range(max_new_tokens):
-        logits = model_callable(ids)
-        nxt = logits[:, -1, :].argmax(dim=-1, keepdim=True).to(ids.dtype)
-        ids = torch.cat([ids, nxt], dim=1)
-    return ids
