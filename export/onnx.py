@@ -10,8 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from mla_fx.errors import MLAFXError
 from mla_fx.inference import InferencePrograms
+from mla_fx.outputs import atomic_directory, read_manifest
 from mla_fx.passes.lower_complex import lower_complex
 from mla_fx.passes.manager import run_passes
 
@@ -95,12 +94,7 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
 def export_onnx(programs: InferencePrograms, out: Path, *, attention: str = "custom", opset: int = OPSET,
                 model_name: str = "", tokenizer: str | None = None, progress=None) -> dict[str, Any]:
     """Write step.onnx, prefill.onnx and the manifest into `out`, all or nothing."""
-    out = Path(out)
-    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
-        raise MLAFXError(f"{out} exists and is not an mla-fx export; choose another output directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-    try:
+    with atomic_directory(Path(out), MANIFEST, "mla-fx ONNX export") as tmp:
         files = {}
         for name in ("step", "prefill"):
             if progress:
@@ -119,10 +113,8 @@ def export_onnx(programs: InferencePrograms, out: Path, *, attention: str = "cus
             "crossover_tokens": programs.stats.get("crossover_tokens"),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-        return manifest
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return manifest
+
+
+def read_export_manifest(directory: Path) -> dict[str, Any]:
+    return read_manifest(directory, MANIFEST, FORMAT, "mla-fx ONNX export", "mla-fx export MODEL --onnx -o DIR")

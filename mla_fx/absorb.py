@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +14,7 @@ from torch import fx
 from mla_fx import ops  # noqa: F401  (registers the mla_fx:: ops the passes insert)
 from mla_fx.cost import MODES, choose_mode, mode_costs
 from mla_fx.errors import MLAFXError, NoMLAError
+from mla_fx.outputs import atomic_file
 from mla_fx.passes.absorb_uk import absorb_uk
 from mla_fx.passes.absorb_uv import absorb_uv
 from mla_fx.passes.capture import sequence_dims
@@ -76,20 +75,6 @@ def absorb(gm: fx.GraphModule, config: AbsorbConfig | None = None, after_pass: A
     return AbsorbResult(gm, mode, sites, stats)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, so a failure never leaves a partial output."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def to_program(gm: fx.GraphModule, example: tuple[torch.Tensor, ...], max_seq: int = 4096,
                dynamic_batch: bool = True) -> torch.export.ExportedProgram:
     """Re-export the rewritten graph so it is called like the original: program(input_ids) -> logits."""
@@ -104,11 +89,11 @@ def to_program(gm: fx.GraphModule, example: tuple[torch.Tensor, ...], max_seq: i
 
 
 def save_program(program: torch.export.ExportedProgram, path: Path) -> None:
-    _atomic_write(path, lambda tmp: torch.export.save(program, tmp))
+    atomic_file(path, lambda tmp: torch.export.save(program, tmp))
 
 
 def save_report(report: dict[str, Any], path: Path) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(report, indent=2, default=str) + "\n"))
+    atomic_file(path, lambda tmp: tmp.write_text(json.dumps(report, indent=2, default=str) + "\n"))
 
 
 __all__ = ["ABSORB_PIPELINE", "AbsorbConfig", "AbsorbResult", "absorb", "save_program", "to_program"]

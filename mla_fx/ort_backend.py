@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from mla_fx.errors import LoadError, MLAFXError, require
-from mla_fx.export.onnx import FORMAT, MANIFEST
+from mla_fx.export.onnx import read_export_manifest
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
-
-
-def read_manifest(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / MANIFEST
-    if not Path(directory).is_dir() or not path.is_file():
-        raise LoadError(f"{directory} is not an mla-fx ONNX export (no {MANIFEST}); "
-                        "make one with: mla-fx export MODEL --onnx -o DIR")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise LoadError(f"{path}: unreadable manifest ({e})") from e
-    if manifest.get("format") != FORMAT:
-        raise LoadError(f"{path}: format {manifest.get('format')!r}, this mla-fx reads {FORMAT!r}")
-    return manifest
 
 
 def default_providers(ort) -> list[str]:
@@ -48,7 +32,7 @@ class OnnxBackend:
     def __init__(self, directory: str | Path, providers: Sequence[str] | None = None):
         ort = require("onnxruntime", "onnxruntime-gpu", "Running an ONNX export")
         self.directory = Path(directory)
-        self.manifest = read_manifest(self.directory)
+        self.manifest = read_export_manifest(self.directory)
         self.latent_dims = [layer["latent_dim"] for layer in self.manifest["layers"]]
         self.vocab_size = int(self.manifest["vocab_size"])
         if self.manifest["dtype"] not in NUMPY_DTYPES:

@@ -80,7 +80,7 @@ def test_not_an_export_directory(tmp_path, capsys):
 def test_export_into_a_foreign_directory_is_refused(tmp_path, capsys):
     (tmp_path / "mine.txt").write_text("keep me")
     assert cli.main(["export", "zoo:reference", "--onnx", "-o", str(tmp_path), "--no-check", "-q"]) == 1
-    assert "is not an mla-fx export" in capsys.readouterr().err
+    assert "is not an mla-fx ONNX export" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
 
 
