@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p.add_argument("--onnx", type=Path, metavar="DIR",
                    help="compare the original, the rewritten inference programs and this ONNX export")
-    p.add_argument("--decode-steps", type=int, default=64, help="token-by-token decode steps with --onnx")
+    p.add_argument("--trt", type=Path, metavar="DIR",
+                   help="compare the original and the TensorRT engines in DIR (needs tensorrt and a GPU)")
+    p.add_argument("--decode-steps", type=int, default=64, help="token-by-token decode steps with --onnx/--trt")
 
     p = sub.add_parser("inspect", help="list the MLA sites and their specs, without rewriting")
     _model_args(p)
@@ -63,19 +65,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="inference programs over the latent KV cache, exported to ONNX")
     _model_args(p)
     p.add_argument("--onnx", action="store_true", help="export ONNX models (step.onnx, prefill.onnx)")
+    p.add_argument("--trt", action="store_true",
+                   help="build TensorRT engines (step.engine, prefill.engine) with the mla_fx::LatentAttention "
+                        "plugin; needs tensorrt and an NVIDIA GPU (default dtype float16)")
+    p.add_argument("--max-batch", type=int, default=8, help="TensorRT profile: largest batch")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="TensorRT profile: longest prompt")
+    p.add_argument("--max-cache", type=int, default=4096, help="TensorRT profile: longest cache")
+    p.add_argument("--plugin", choices=["aot", "jit"], default="aot",
+                   help="TensorRT plugin implementation: aot (PTX in the engine, no Python) or jit (debugging)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory")
     p.add_argument("--mode", choices=["auto", "reassociate", "fold"], default="auto", help="absorption mode")
     p.add_argument("--attention", choices=["custom", "standard"], default="custom",
                    help="custom: mla_fx::LatentAttention node with a standard-op function body (TensorRT maps it "
                         "to its plugin); standard: the ONNX Attention op")
     p.add_argument("--opset", type=int, default=23, help="ONNX opset (>= 23, for Attention)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
-                   help="weights, activations and cache dtype of the exported programs")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="weights, activations and cache dtype of the exported programs (default float32 for "
+                        "--onnx, float16 for --trt)")
     p.add_argument("--decode-steps", type=int, default=16, help="decode steps in the check after export")
     p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime check after export")
 
     p = sub.add_parser("generate", help="generate with an ONNX export in ONNX Runtime")
-    p.add_argument("export_dir", type=Path, metavar="DIR", help="a folder written by mla-fx export --onnx")
+    p.add_argument("export_dir", type=Path, metavar="DIR", help="a folder written by mla-fx export --onnx or --trt")
     p.add_argument("--prompt", action="append", default=[], help="a text prompt (byte-level models); repeatable")
     p.add_argument("--ids", action="append", default=[], help="a prompt as comma-separated token ids; repeatable")
     p.add_argument("--max-new-tokens", type=int, default=40)
@@ -190,9 +201,17 @@ def cmd_check(args) -> int:
     progress = Progress(args.quiet)
     loaded = load_model(args.model, config=args.config, trust_pickle=args.trust_pickle)
     comparisons = []
+    if args.trt is not None:
+        from mla_fx.check_backends import check_backends
+        from mla_fx.trt_backend import TensorRTBackend
+
+        backend = TensorRTBackend(args.trt)
+        dtype = getattr(torch, backend.manifest["dtype"])
+        comparisons += check_backends(loaded.to(dtype).reference(), [("tensorrt", backend)], _prompts_for(loaded),
+                                      args.decode_steps, dtype)
     if args.onnx is not None:
         comparisons += _check_onnx(args, loaded, progress)
-    elif args.rewritten is not None:
+    if args.rewritten is not None:
         rewritten = load_model(args.rewritten)
         if rewritten.program is None:
             raise MLAFXError(f"--rewritten {args.rewritten} is not a torch.export program (.pt2)")
@@ -201,7 +220,7 @@ def cmd_check(args) -> int:
         comparisons += compare_logits(reference, candidate, random_inputs(loaded.vocab_size), dtype)
         for label, prompt in prompts(loaded)[: 1 if args.generate else 0]:
             comparisons.append(compare_generation(reference, candidate, prompt, args.generate, label))
-    else:
+    if args.trt is None and args.onnx is None and args.rewritten is None:
         for i, dtype in enumerate(_dtypes(args, loaded)):
             run = absorb_and_check(loaded, AbsorbConfig(mode=args.mode), dtype, each_pass=args.check_each_pass,
                                    generate_tokens=args.generate if i == 0 else 0,
@@ -242,20 +261,28 @@ def cmd_export(args) -> int:
     from mla_fx.loading import load_model
     from mla_fx.ort_backend import OnnxBackend
 
-    if not args.onnx:
-        raise MLAFXError("choose an output format: --onnx")
+    if args.onnx == args.trt:
+        raise MLAFXError("choose one output format: --onnx or --trt")
+    if args.trt:
+        from mla_fx.export.tensorrt_engine import require_cuda
+        from mla_fx.export.tensorrt_plugin import require_tensorrt
+
+        require_tensorrt()  # before any work: say what is missing
+        require_cuda()
     if args.opset < 23:
         raise MLAFXError(f"--opset {args.opset}: the exported attention needs opset 23 or later")
     progress = Progress(args.quiet)
     progress(f"loading {args.model}")
     loaded = load_model(args.model, config=args.config, trust_pickle=args.trust_pickle)
-    dtype = getattr(torch, args.dtype)
+    dtype = getattr(torch, args.dtype or ("float16" if args.trt else "float32"))
     loaded = loaded.to(dtype)
     progress("building the step (absorbed) and prefill (un-absorbed) programs")
     programs = build_programs(loaded, AbsorbConfig(mode=args.mode))
+    tokenizer = "bytes" if loaded.source == "builtin" else None
+    if args.trt:
+        return _export_trt(args, loaded, programs, tokenizer, progress)
     manifest = export_onnx(programs, args.output, attention=args.attention, opset=args.opset,
-                           model_name=loaded.name, tokenizer="bytes" if loaded.source == "builtin" else None,
-                           progress=progress)
+                           model_name=loaded.name, tokenizer=tokenizer, progress=progress)
     print(f"{loaded.name}: {len(programs.sites)} MLA layer(s), mode {programs.mode}, wrote {args.output}/"
           f"{{step,prefill}}.onnx")
     _print_cache(manifest)
@@ -277,13 +304,53 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _export_trt(args, loaded, programs, tokenizer, progress) -> int:
+    import tempfile
+
+    from mla_fx.check_backends import check_backends
+    from mla_fx.export.onnx import export_onnx
+    from mla_fx.export.tensorrt_engine import build_engines
+    from mla_fx.trt_backend import TensorRTBackend
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_dir = Path(tmp) / "onnx"
+        export_onnx(programs, onnx_dir, attention="custom", opset=args.opset, model_name=loaded.name,
+                    tokenizer=tokenizer, progress=progress)
+        build_engines(onnx_dir, args.output, max_batch=args.max_batch, max_new_tokens=args.max_new_tokens,
+                      max_cache=args.max_cache, implementation=args.plugin, progress=progress)
+    print(f"{loaded.name}: wrote TensorRT engines to {args.output}/{{step,prefill}}.engine")
+    if args.no_check:
+        return 0
+    comparisons = check_backends(loaded.reference(), [("tensorrt", TensorRTBackend(args.output))],
+                                 _prompts_for(loaded), args.decode_steps, programs.dtype)
+    _print_comparisons(comparisons)
+    if not all(c.passed for c in comparisons):
+        import shutil
+
+        shutil.rmtree(args.output, ignore_errors=True)
+        raise CheckFailed(f"TensorRT does not match the original; removed {args.output}")
+    return 0
+
+
+def _open_backend(directory: Path, provider: str = "auto"):
+    """An ONNX export runs in ONNX Runtime, a TensorRT folder in TensorRT."""
+    from mla_fx.export.tensorrt_engine import MANIFEST as TRT_MANIFEST
+
+    if (Path(directory) / TRT_MANIFEST).is_file():
+        from mla_fx.trt_backend import TensorRTBackend
+
+        return TensorRTBackend(directory)
+    from mla_fx.ort_backend import OnnxBackend
+
+    providers = {"auto": None, "cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider"]}[provider]
+    return OnnxBackend(directory, providers)
+
+
 def cmd_generate(args) -> int:
     from mla_fx.models.tokenizer import decode, encode
-    from mla_fx.ort_backend import OnnxBackend
     from mla_fx.runtime import generate
 
-    providers = {"auto": None, "cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider"]}[args.provider]
-    backend = OnnxBackend(args.export_dir, providers)
+    backend = _open_backend(args.export_dir, args.provider)
     text = backend.manifest.get("tokenizer") == "bytes"
     if args.prompt and not text:
         raise MLAFXError(f"{args.export_dir} has no tokenizer mla-fx can run; give prompts as --ids 1,2,3")

@@ -43,6 +43,7 @@ class TensorRTBackend:
         self.vocab_size = int(self.manifest["vocab_size"])
         self.float_dtype = np.dtype(NUMPY_DTYPES[self.manifest["dtype"]])
         self.limits = self.manifest["limits"]
+        self.step_new_tokens = int(self.limits["step_new_tokens"])  # the step engine decodes one token per row
         if self.manifest.get("implementation") == "jit":
             register_plugin()
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))

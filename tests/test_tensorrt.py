@@ -212,3 +212,15 @@ def test_engines_jit_plugin_matches_aot(programs, tmp_path):
     prompts = [[1, 2, 3, 4, 5], [7, 8]]
     assert generate(TensorRTBackend(tmp_path / "aot"), prompts, 8) == \
         generate(TensorRTBackend(tmp_path / "jit"), prompts, 8)
+
+
+@pytest.mark.skipif(_have_tensorrt_gpu(), reason="TensorRT and a GPU are present")
+def test_cli_says_what_is_missing_and_writes_nothing(tmp_path, capsys):
+    from mla_fx import cli
+
+    out = tmp_path / "engines"
+    assert cli.main(["export", "zoo:reference", "--trt", "-o", str(out), "-q"]) == 1
+    assert "needs the tensorrt package" in capsys.readouterr().err and not out.exists()
+    assert cli.main(["check", "zoo:reference", "--trt", str(out), "-q"]) == 1
+    assert "needs the tensorrt package" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
