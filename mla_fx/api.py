@@ -49,13 +49,20 @@ def parse_dtypes(text: str) -> list[torch.dtype]:
     return [DTYPES[n] for n in names]
 
 
-def prompts(loaded: LoadedModel) -> list[tuple[str, torch.Tensor]]:
-    """Real text for the shipped byte-level model, seeded random token sequences otherwise."""
+def token_prompts(loaded: LoadedModel) -> list[list[int]]:
+    """Real text for the shipped byte-level model, seeded random token sequences of two lengths otherwise."""
+    from mla_fx.check_backends import default_prompts
+
     if loaded.source == "builtin":
         from mla_fx.models.tokenizer import encode
 
-        return [("text", torch.tensor([encode("The ")]))]
-    return [("random prompt", random_inputs(loaded.vocab_size, [(1, 6)], seed=7)[0][1])]
+        return [encode("The "), encode("A list of ")]
+    return default_prompts(loaded.vocab_size)
+
+
+def prompts(loaded: LoadedModel) -> list[tuple[str, torch.Tensor]]:
+    label = "text" if loaded.source == "builtin" else "random prompt"
+    return [(label, torch.tensor([token_prompts(loaded)[0]]))]
 
 
 @dataclass

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from mla_fx.api import token_prompts
 from mla_fx.errors import CheckFailed, MLAFXError
 
 
@@ -189,7 +190,7 @@ def _check_onnx(args, loaded, progress):
                          f"vocab {onnx_backend.vocab_size}; MODEL has {programs.latent_dims}, {programs.vocab_size})")
     progress(f"comparing original vs rewritten vs ONNX Runtime ({args.decode_steps} decode steps)")
     return check_backends(loaded.reference(), [("rewritten", TorchBackend(programs)), ("onnxruntime", onnx_backend)],
-                          _prompts_for(loaded), args.decode_steps, programs.dtype)
+                          token_prompts(loaded), args.decode_steps, programs.dtype)
 
 
 def cmd_check(args) -> int:
@@ -207,7 +208,7 @@ def cmd_check(args) -> int:
 
         backend = TensorRTBackend(args.trt)
         dtype = getattr(torch, backend.manifest["dtype"])
-        comparisons += check_backends(loaded.to(dtype).reference(), [("tensorrt", backend)], _prompts_for(loaded),
+        comparisons += check_backends(loaded.to(dtype).reference(), [("tensorrt", backend)], token_prompts(loaded),
                                       args.decode_steps, dtype)
     if args.onnx is not None:
         comparisons += _check_onnx(args, loaded, progress)
@@ -228,15 +229,6 @@ def cmd_check(args) -> int:
             comparisons += run.comparisons
     _print_comparisons(comparisons)
     return 0 if all(c.passed for c in comparisons) else 1
-
-
-def _prompts_for(loaded) -> list[list[int]]:
-    from mla_fx.check_backends import default_prompts
-    from mla_fx.models.tokenizer import encode
-
-    if loaded.source == "builtin":
-        return [encode("The "), encode("A list of ")]
-    return default_prompts(loaded.vocab_size)
 
 
 def _print_cache(manifest) -> None:
@@ -293,7 +285,7 @@ def cmd_export(args) -> int:
         return 0
     progress(f"checking ONNX Runtime against the original ({args.decode_steps} decode steps)")
     ort_backend = OnnxBackend(args.output, ["CPUExecutionProvider"])
-    comparisons = check_backends(loaded.reference(), [("onnxruntime", ort_backend)], _prompts_for(loaded),
+    comparisons = check_backends(loaded.reference(), [("onnxruntime", ort_backend)], token_prompts(loaded),
                                  args.decode_steps, programs.dtype)
     _print_comparisons(comparisons)
     if not all(c.passed for c in comparisons):
@@ -322,7 +314,7 @@ def _export_trt(args, loaded, programs, tokenizer, progress) -> int:
     if args.no_check:
         return 0
     comparisons = check_backends(loaded.reference(), [("tensorrt", TensorRTBackend(args.output))],
-                                 _prompts_for(loaded), args.decode_steps, programs.dtype)
+                                 token_prompts(loaded), args.decode_steps, programs.dtype)
     _print_comparisons(comparisons)
     if not all(c.passed for c in comparisons):
         import shutil
