@@ -18,21 +18,24 @@ import torch
 from torch import Tensor
 
 
-def _attend(scores: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
-    """softmax(scores + mask) @ v, accumulated in float32 (float64 stays float64)."""
-    acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
-    scores = scores.to(acc)
+def _softmax(scores: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
+    """softmax(scores + mask) over the last dim; fully masked rows (padding) give zeros, not NaN."""
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
-            scores = scores + attn_mask.to(acc)
-    if is_causal:
+            scores = scores + attn_mask.to(scores.dtype)
+    if is_causal:  # bottom-right aligned: query i of S sees keys up to T - S + i (the decode convention)
         s, t = scores.shape[-2], scores.shape[-1]
         causal = torch.ones(s, t, dtype=torch.bool, device=scores.device).tril(diagonal=t - s)
         scores = scores.masked_fill(~causal, float("-inf"))
-    probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)  # fully masked rows give zeros
-    return torch.matmul(probs, v.to(acc))
+    return torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+
+
+def _attend(scores: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
+    """softmax(scores + mask) @ v, accumulated in float32 (float64 stays float64)."""
+    acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    return torch.matmul(_softmax(scores.to(acc), attn_mask, is_causal), v.to(acc))
 
 
 @torch.library.custom_op("mla_fx::split_rope_attention", mutates_args=())
@@ -63,12 +66,17 @@ def latent_attention_reference(q_latent: Tensor, q_rope: Tensor, latent_kv: Tens
 
     q_latent [B,H,S,d_c] (W_UK already applied), q_rope [B,H,S,d_r] (after RoPE),
     latent_kv [B,T,d_c+d_r] = [c_KV ; k_R] per token. Returns o~ [B,H,S,d_c].
+
+    Heads are folded into rows ([B, H*S, d_c+d_r] @ [B, d_c+d_r, T]): every head reads the one latent row,
+    and the cache is never copied per head (a broadcast matmul would copy it H times).
     """
-    d_c = q_latent.shape[-1]
-    kv = latent_kv.unsqueeze(1)
-    c_kv, k_rope = kv[..., :d_c], kv[..., d_c:]
-    scores = torch.matmul(q_latent, c_kv.transpose(-1, -2)) + torch.matmul(q_rope, k_rope.transpose(-1, -2))
-    return _attend(scores * scale, c_kv, attn_mask, is_causal).to(q_latent.dtype).contiguous()
+    b, h, s, d_c = q_latent.shape
+    acc = torch.float64 if q_latent.dtype == torch.float64 else torch.float32
+    q = torch.cat([q_latent, q_rope], dim=-1).reshape(b, h * s, -1)
+    scores = torch.bmm(q, latent_kv.transpose(1, 2)).view(b, h, s, -1).to(acc) * scale
+    probs = _softmax(scores, attn_mask, is_causal)
+    out = torch.bmm(probs.view(b, h * s, -1), latent_kv[..., :d_c].to(acc))
+    return out.view(b, h, s, d_c).to(q_latent.dtype)
 
 
 @torch.library.custom_op("mla_fx::latent_attention", mutates_args=())

@@ -4,7 +4,7 @@ Before (k_nope expanded from the latent for every cached token):
     k_nope = heads(linear(c_kv, W_kv_b))                                  [B, H, T, d_nope]
     o = split_rope_attention(q_nope, q_rope, k_nope, k_rope, v, ...)
 After, mode "reassociate" (W_UK applied to the queries at run time, as DeepSeek/vLLM/SGLang do):
-    q_latent = matmul(q_nope, W_UK)                  W_UK [H, d_nope, d_c]      [B, H, S, d_c]
+    q_latent = einsum("bhsn,hnc->bhsc", q_nope, W_UK)   W_UK [H, d_nope, d_c]     [B, H, S, d_c]
     o = split_rope_attention(q_latent, q_rope, c_kv[B,1,T,d_c], k_rope, v, ...)
 After, mode "fold" (W_UK^T W_UQ precomputed in float64, rounded once):
     q_latent = heads(linear(c_q, W_UQK))             W_UQK [H*d_c, d_q]
@@ -110,7 +110,8 @@ def absorb_uk(gm: fx.GraphModule, config: Any) -> PassResult:
                 if mode == "fold":
                     skipped[node.name] = "fold: q_nope is not a per-head slice of a linear; reassociated"
                 weight = add_param(gm, f"{node.name}_w_uk", w_uk, node)
-                q_latent = g.call_function(aten.matmul.default, (q_nope, weight))
+                # per-head weights [H, d_nope, d_c]: einsum runs as one bmm over heads, with no per-batch copy
+                q_latent = g.call_function(aten.einsum.default, ("bhsn,hnc->bhsc", [q_nope, weight]))
             c_kv = g.call_function(aten.reshape.default, (latent, [batch, 1, -1, d_c]))
         node.args = (q_latent, node.args[1], c_kv, *node.args[3:])
         rewritten += 1

@@ -6,7 +6,7 @@ Before (v expanded from the latent for every cached token):
     u = linear(merge_heads(o), W_O)
 After, mode "reassociate" (W_UV applied per head to the latent output):
     o~ = split_rope_attention(q_latent, q_rope, c_kv, k_rope, c_kv, ...)   [B, H, S, d_c]
-    o  = matmul(o~, W_UV^T)                          W_UV^T [H, d_c, d_v]
+    o  = einsum("bhsc,hcv->bhsv", o~, W_UV^T)        W_UV^T [H, d_c, d_v]
 After, mode "fold" (W_O,i W_UV,i precomputed in float64, rounded once):
     u = linear(merge_heads(o~), W_OV)                W_OV [d, H*d_c]
 
@@ -85,7 +85,7 @@ def absorb_uv(gm: fx.GraphModule, config: Any) -> PassResult:
                 skipped[node.name] = "fold: output does not reach one linear through layout ops; reassociated"
             with g.inserting_before(anchor):
                 weight = add_param(gm, f"{node.name}_w_uv_t", w_uv.transpose(1, 2), latent_out)
-                out = g.call_function(aten.matmul.default, (latent_out, weight))
+                out = g.call_function(aten.einsum.default, ("bhsc,hcv->bhsv", [latent_out, weight]))
             node.replace_all_uses_with(out)
         latent_out.meta["val"] = node.meta["val"].new_empty((*node.meta["val"].shape[:-1], d_c))
         rewritten += 1
