@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-steps", type=int, default=16, help="decode steps in the check after export")
     p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime check after export")
 
+    sub.add_parser("bench", help="the CPU benchmark suite: tables, CSV, plots (mla-fx bench --help)")
+
     p = sub.add_parser("generate", help="generate with an ONNX export in ONNX Runtime")
     p.add_argument("export_dir", type=Path, metavar="DIR", help="a folder written by mla-fx export --onnx or --trt")
     p.add_argument("--prompt", action="append", default=[], help="a text prompt (byte-level models); repeatable")
@@ -360,6 +362,11 @@ def cmd_generate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # the suite parses its own options (--quick, --out, --only)
+        from mla_fx import bench
+
+        return bench.main(argv[1:])
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")  # torch.export internals
     handler = {"absorb": cmd_absorb, "check": cmd_check, "inspect": cmd_inspect, "export": cmd_export,
