@@ -27,12 +27,19 @@ _opset = onnxscript.values.Opset(DOMAIN, OPSET_VERSION)
 @onnxscript.script(opset=_opset, default_opset=op)
 def LatentAttention(q_latent, q_rope, latent_kv, attn_mask, scale: float, kv_lora_rank: int, rope_dim: int,
                     plugin_namespace: str):
-    """MQA over the latent row: Q = [q_latent ; q_rope] [B,H,S,d_c+d_r], K = row [B,1,T,d_c+d_r], V = K[..., :d_c]."""
+    """MQA over the latent row, with the heads folded into query rows so the one KV head is never
+    repeated per head: Q = [q_latent ; q_rope] as [B, 1, H*S, d_c+d_r], K = row [B, 1, T, d_c+d_r],
+    V = K[..., :d_c], mask repeated per head to [B, 1, H*S, T]."""
     q = op.Concat(q_latent, q_rope, axis=-1)
+    q_rows = op.Reshape(q, [0, 1, -1, 0])
+    heads = op.Slice(op.Shape(q_latent), [1], [2])
+    repeat = op.Concat([1], heads, [1, 1], axis=0)
+    mask_rows = op.Reshape(op.Tile(attn_mask, repeat), [0, 1, -1, 0])
     k = op.Unsqueeze(latent_kv, [1])
     d_c = op.Reshape(op.Constant(value_int=kv_lora_rank), [1])
     v = op.Slice(k, [0], d_c, [-1])
-    return op.Attention(q, k, v, attn_mask, scale=scale)
+    out_rows = op.Attention(q_rows, k, v, mask_rows, scale=scale)
+    return op.Reshape(out_rows, op.Shape(q_latent))
 
 
 def function_proto() -> onnx.FunctionProto:
