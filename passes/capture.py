@@ -11,6 +11,8 @@ import torch
 from torch import fx, nn
 from torch.export import Dim
 
+from mla_fx.errors import MLAFXError
+
 
 def sequence_dims(max_seq: int, dynamic_batch: bool = True, inputs: int = 1) -> tuple[dict[int, Dim], ...]:
     """Dynamic [batch, seq] for each of `inputs` token-shaped inputs (input_ids, position_ids, ...)."""
@@ -43,5 +45,11 @@ def graph_module(program: torch.export.ExportedProgram) -> fx.GraphModule:
 
 
 def capture(model: nn.Module, example: tuple[torch.Tensor, ...], max_seq: int = 4096) -> fx.GraphModule:
-    with torch.no_grad():
-        return graph_module(export_program(model, example, max_seq))
+    try:
+        with torch.no_grad():
+            program = export_program(model, example, max_seq)
+    except Exception as e:  # data-dependent control flow, unsupported ops, a forward that is not ids -> logits
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise MLAFXError(f"torch.export could not capture {type(model).__name__} as input_ids -> logits: "
+                         f"{type(e).__name__}: {first}") from e
+    return graph_module(program)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from torch import nn
@@ -45,3 +47,27 @@ def test_llama_attention_is_found_and_rejected_with_the_reason(tmp_path, capsys)
     assert "query is not [q_nope ; q_rope]" in err
     assert not out.exists() and not list(tmp_path.glob(".out*"))
     assert cli.main(["inspect", str(tmp_path / "llama"), "-q"]) == 1
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 8)
+        self.config = types.SimpleNamespace(vocab_size=32)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        if x.sum() > 0:  # control flow on data: torch.export cannot capture it
+            return x
+        return -x
+
+
+def test_a_model_torch_export_cannot_capture_gets_a_clear_error(tmp_path, capsys):
+    from mla_fx.errors import MLAFXError
+
+    with pytest.raises(MLAFXError, match="torch.export could not capture DataDependent as input_ids -> logits"):
+        capture(DataDependent(), (torch.randint(0, 32, (2, 5)),), max_seq=64)
+    torch.save(DataDependent(), tmp_path / "m.pt")
+    out = tmp_path / "out.pt2"
+    assert cli.main(["absorb", str(tmp_path / "m.pt"), "--trust-pickle", "-o", str(out), "-q"]) == 1
+    assert "could not capture" in capsys.readouterr().err and not out.exists()
