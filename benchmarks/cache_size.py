@@ -14,13 +14,11 @@ Bytes are for a bf16 cache (2 bytes per value); whole model = layers x 128k toke
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
 from .common import (
-    DEFAULT_OUT,
     TINY_MLP,
     TINY_VOCAB,
     Report,
@@ -30,6 +28,7 @@ from .common import (
     pyplot,
     save_fig,
     setup_threads,
+    standalone_main,
     step_onnx,
     v3_model_and_programs,
 )
@@ -159,12 +158,7 @@ def run(out: Path, quick: bool = False) -> Report:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    a = p.parse_args(argv)
-    run(a.out, a.quick)
-    return 0
+    return standalone_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -329,3 +329,15 @@ def step_onnx(key: str, programs) -> tuple[Path, Any]:
         print(f"[export] {key}: step program -> ONNX", flush=True)
         _EXPORTS[key] = export_step_onnx(programs, workdir() / key)
     return _EXPORTS[key]
+
+
+def standalone_main(run: Callable[[Path, bool], Any], doc: str | None, argv=None) -> int:
+    """`python -m benchmarks.NAME [--quick] [--out DIR]` for one benchmark module."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    a = p.parse_args(argv)
+    run(a.out, a.quick)
+    return 0

@@ -14,7 +14,6 @@ fp32, 2 threads, median of repeats after a warm-up. Each time is also set agains
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,6 @@ import torch
 
 from . import roofline
 from .common import (
-    DEFAULT_OUT,
     Report,
     free_memory,
     ort_session,
@@ -33,6 +31,7 @@ from .common import (
     rss_bytes,
     save_fig,
     setup_threads,
+    standalone_main,
     step_onnx,
     time_call,
     v3_model_and_programs,
@@ -236,12 +235,7 @@ def run(out: Path, quick: bool = False, mach: roofline.Machine | None = None) ->
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    a = p.parse_args(argv)
-    run(a.out, a.quick)
-    return 0
+    return standalone_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

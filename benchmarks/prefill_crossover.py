@@ -10,12 +10,19 @@ no cached prefix) is shown beside the measured time ratio.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
-from .common import DEFAULT_OUT, Report, pyplot, save_fig, setup_threads, time_call, v3_model_and_programs
+from .common import (
+    Report,
+    pyplot,
+    save_fig,
+    setup_threads,
+    standalone_main,
+    time_call,
+    v3_model_and_programs,
+)
 
 HEADS = 32
 
@@ -91,12 +98,7 @@ def run(out: Path, quick: bool = False) -> Report:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    a = p.parse_args(argv)
-    run(a.out, a.quick)
-    return 0
+    return standalone_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,13 @@ weights read once plus the cache read once, and the FLOPs are the absorbed form'
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .common import DEFAULT_OUT, Report, setup_threads
+from .common import Report, setup_threads, standalone_main
 
 
 @dataclass
@@ -64,12 +63,7 @@ def run(out: Path, quick: bool = False) -> tuple[Report, Machine]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    a = p.parse_args(argv)
-    run(a.out, a.quick)
-    return 0
+    return standalone_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":
