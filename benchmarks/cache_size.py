@@ -151,10 +151,7 @@ def run(out: Path, quick: bool = False) -> Report:
         "d_c + d_r, the cross-check. HF transformers: counted in its DynamicCache after a forward (it stores the "
         "latent but re-expands K/V for every cached token at every step). expanded K/V: n_h (d_nope + d_r + d_v) "
         "per token, the formula (a standard MHA cache). FP8 latent: not built yet.")
-    report.csv("cache_size", rows)
-    plot(rows, report.plot("cache_size"))
-    report.rows = rows
-    return report
+    return report.finish(rows, plot)
 
 
 def main(argv=None) -> int:

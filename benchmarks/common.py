@@ -228,6 +228,13 @@ class Report:
         self.files.append(path)
         return path
 
+    def finish(self, rows: Sequence[dict[str, Any]], plot: Callable[[Sequence[dict[str, Any]], Path], None]):
+        """Write the rows as <name>.csv, plot them to <name>.png, keep them for run_all."""
+        self.csv(self.name, rows)
+        plot(rows, self.plot(self.name))
+        self.rows = rows
+        return self
+
     def markdown(self) -> str:
         return "\n".join(self.sections)
 

@@ -228,10 +228,7 @@ def run(out: Path, quick: bool = False, mach: roofline.Machine | None = None) ->
                      f"floor = max(bytes / {mach.copy_gbs:.1f} GB/s copy bandwidth, FLOPs / "
                      f"{mach.gemm_gflops:.0f} GFLOP/s GEMM); bytes = all weights + the latent cache read once "
                      "(fp32), FLOPs of the absorbed form.")
-    report.csv("decode_cpu", rows)
-    plot(rows, report.plot("decode_cpu"))
-    report.rows = rows
-    return report
+    return report.finish(rows, plot)
 
 
 def main(argv=None) -> int:

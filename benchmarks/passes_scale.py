@@ -116,10 +116,7 @@ def run(out: Path, quick: bool = False) -> Report:
                 f"weights ({ok[0]['layer_weights_GB']:.2f} GB per layer, fp32). Peak measured as "
                 f"{ok[0]['peak_measure']}, one process per size.")
     report.add_table(f"absorb at scale: DeepSeek-V3 attention sizes, {HEADS} heads, fp32", cols, rows, note)
-    report.csv("passes_scale", rows)
-    plot(rows, report.plot("passes_scale"))
-    report.rows = rows
-    return report
+    return report.finish(rows, plot)
 
 
 def main(argv=None) -> int:

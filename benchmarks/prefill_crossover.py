@@ -91,10 +91,7 @@ def run(out: Path, quick: bool = False) -> Report:
         "(ratio > 1 at every length), so mla-fx prefills with the prefill program; over a long cached prefix the "
         f"FLOP crossover is {crossover_tokens(programs.sites[0].spec):.1f} new tokens (mla_fx.cost.crossover_tokens), "
         "not measured here (the prefill program takes no past).")
-    report.csv("prefill_crossover", rows)
-    plot(rows, report.plot("prefill_crossover"))
-    report.rows = rows
-    return report
+    return report.finish(rows, plot)
 
 
 def main(argv=None) -> int:
