@@ -38,7 +38,7 @@ AutoTuneCombination = getattr(trtp, "AutoTuneCombination", None) or type("AutoTu
 PLUGIN_NAME = "mla_fx::LatentAttention"
 # q_latent, q_rope, latent_kv share the float type; the mask is bool; the output is like q_latent
 AUTOTUNE_TYPES = "FP32|FP16|BF16, FP32|FP16|BF16, FP32|FP16|BF16, BOOL, FP32|FP16|BF16"
-KERNEL_DTYPES = {"FLOAT": "fp32", "HALF": "fp16", "BF16": "bf16"}  # trt.DataType name -> compile_decode_ptx
+KERNEL_DTYPES = {"FLOAT": "fp32", "HALF": "fp16", "BF16": "bf16"}  # trt.DataType name -> compile_for_plugin
 _TORCH_VIEWS = {"FLOAT": ("float32", "<f4"), "HALF": ("float16", "<f2"), "BF16": ("bfloat16", "<i2"),
                 "BOOL": ("bool", "|b1"), "INT8": ("int8", "|i1"), "INT32": ("int32", "<i4"),
                 "INT64": ("int64", "<i8")}
@@ -84,17 +84,12 @@ def _device_arch() -> int:
 
 @functools.cache
 def compile_kernel(dtype: str, kv_lora_rank: int, rope_dim: int, scale: float, arch: int):
-    """PTX of the single-pass decode kernel; one fewer pipeline stage if shared memory would pass 48 KB."""
-    from mla_fx.kernels.aot import compile_decode_ptx
+    """PTX of the single-pass decode kernel, in the fastest tiling whose shared memory fits 48 KB."""
+    from mla_fx.kernels.aot import compile_for_plugin
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise MLAFXError("the plugin's kernel is compiled to PTX by Triton's compiler: unset TRITON_INTERPRET")
-    try:
-        return compile_decode_ptx(dtype, kv_lora_rank, rope_dim, scale, arch=arch)
-    except RuntimeError as e:
-        if "shared memory" not in str(e):
-            raise
-        return compile_decode_ptx(dtype, kv_lora_rank, rope_dim, scale, arch=arch, num_stages=1)
+    return compile_for_plugin(dtype, kv_lora_rank, rope_dim, scale, arch)
 
 
 def latent_attention_aot(q_latent: TensorDesc, q_rope: TensorDesc, latent_kv: TensorDesc, attn_mask: TensorDesc,

@@ -14,7 +14,15 @@ import torch
 
 triton = pytest.importorskip("triton", reason="triton not installed (pip install 'mla-fx[triton]')")
 
-from mla_fx.kernels.aot import SHARED_LIMIT, AotKernel, decode_grid, decode_scalar_args  # noqa: E402
+from mla_fx.kernels.aot import (  # noqa: E402
+    SHARED_LIMIT,
+    AotKernel,
+    assemble,
+    decode_grid,
+    decode_scalar_args,
+    drop_hidden_params,
+    entry_params,
+)
 from mla_fx.kernels.latent_attention import latent_attention_decode  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -94,19 +102,44 @@ def _compile_in_clean_process(dtype: str) -> AotKernel:
     return AotKernel(**json.loads(done.stdout.strip().splitlines()[-1]))
 
 
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
 def test_aot_compiles_to_ptx_for_sm90_without_a_gpu(dtype):
     kernel = _compile_in_clean_process(dtype)
     assert kernel.name == "latent_attention_decode_kernel"
     assert re.search(rf"\.visible \.entry {kernel.name}\(", kernel.ptx)
     assert ".target sm_90" in kernel.ptx
     assert 0 < kernel.shared_bytes < SHARED_LIMIT and kernel.num_warps == 4
-    # TensorRT's order: 4 input pointers, the 12 int32 scalars, the output pointer (then Triton's two
-    # hidden scratch pointers, which the compile checked are unused)
-    params = re.findall(r"\.param \.(u64|u32)", kernel.ptx.split(f"{kernel.name}(")[1].split(")")[0])
+    # exactly what TensorRT passes: 4 input pointers, the 12 int32 scalars, the output pointer (Triton's
+    # hidden scratch pointers removed)
+    params = [p.split()[1] for p in entry_params(kernel.ptx, kernel.name)]
     assert len(decode_scalar_args(2, 128, 4096, D_C, D_R)) == 12
-    assert params == ["u64"] * 4 + ["u32"] * 12 + ["u64"] + ["u64"] * 2
-    assert decode_grid(8, 128, kernel.block_h) == (8, 8, 1)
+    assert params == [".u64"] * 4 + [".u32"] * 12 + [".u64"]
+    assert decode_grid(8, 128, kernel.block_h) == (8, 128 // kernel.block_h, 1)
+    # the PTX TensorRT gets assembles for Hopper, without spilling registers
+    report = assemble(kernel.ptx, 90)
+    assert report["spill_stores"] == report["spill_loads"] == 0 and report["registers"] <= 255
+
+
+PTX_WITH_SCRATCH = """.visible .entry k(
+\t.param .u64 .ptr .global .align 1 k_param_0,
+\t.param .u32 k_param_1,
+\t.param .u64 .ptr .global .align 1 k_param_2
+)
+{
+\tld.param.b64 %rd1, [k_param_0];
+\tld.param.b32 %r1, [k_param_1];
+BODY}
+"""
+
+
+def test_hidden_params_are_dropped_only_when_unused():
+    unused = PTX_WITH_SCRATCH.replace("BODY", "")
+    dropped = drop_hidden_params(unused, "k", 2)
+    assert entry_params(dropped, "k") == [".param .u64 .ptr .global .align 1 k_param_0",
+                                          ".param .u32 k_param_1"]
+    assert dropped.split("{")[1] == unused.split("{")[1]
+    with pytest.raises(RuntimeError, match="reads its hidden parameters"):
+        drop_hidden_params(PTX_WITH_SCRATCH.replace("BODY", "\tld.param.b64 %rd2, [k_param_2];\n"), "k", 2)
 
 
 def test_scalar_args_are_the_strides_of_contiguous_tensors():

@@ -2,11 +2,15 @@
 
 The plugin's engine then runs without Python. This is the single-pass variant (one split: the
 program writes the final output), reading the bool mask as int8; argument order is TensorRT's:
-input pointers, int32 scalars, output pointers.
+input pointers, int32 scalars, output pointers, and nothing else (Triton's hidden scratch parameters
+are removed). `assemble` runs the ptxas that ships with Triton, so CI checks that the PTX assembles
+for Hopper and how many registers it takes, without a GPU.
 """
 
 from __future__ import annotations
 
+import re
+import subprocess
 from dataclasses import dataclass
 
 import triton
@@ -16,7 +20,11 @@ from triton.runtime.jit import JITFunction
 from .latent_attention import LOG2E, latent_attention_decode_kernel
 
 DTYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+KERNEL_PARAMS = 4 + 12 + 1  # what TensorRT passes: input pointers, int32 scalars, the output pointer
 SHARED_LIMIT = 48 * 1024  # TensorRT plugins launch without opting into more shared memory
+# (block_h, block_n, num_stages), fastest first: 16-row tiles in 2 stages fit 48 KB in fp16/bf16 at d_c 512,
+# fp32 needs 8 x 8 tiles
+PLUGIN_CONFIGS = ((16, 16, 2), (16, 16, 1), (8, 8, 2), (8, 8, 1))
 
 
 @dataclass(frozen=True)
@@ -53,8 +61,23 @@ def main() -> None:
     import sys
 
     dtype, d_c, d_r, scale = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-    kernel = compile_decode_ptx(dtype, d_c, d_r, scale)
+    kernel = compile_for_plugin(dtype, d_c, d_r, scale)
     print(json.dumps(kernel.__dict__))
+
+
+def compile_for_plugin(dtype: str, kv_lora_rank: int, rope_dim: int, scale: float, arch: int = 90) -> AotKernel:
+    """The fastest of PLUGIN_CONFIGS whose shared memory fits a plugin launch."""
+    for block_h, block_n, num_stages in PLUGIN_CONFIGS:
+        try:
+            return compile_decode_ptx(dtype, kv_lora_rank, rope_dim, scale, arch, block_h=block_h, block_n=block_n,
+                                      num_stages=num_stages)
+        except SharedMemoryTooLarge as e:
+            error = e
+    raise error
+
+
+class SharedMemoryTooLarge(RuntimeError):
+    pass
 
 
 def compile_decode_ptx(dtype: str, kv_lora_rank: int, rope_dim: int, scale: float, arch: int = 90,
@@ -81,14 +104,59 @@ def compile_decode_ptx(dtype: str, kv_lora_rank: int, rope_dim: int, scale: floa
                   "BLOCK_N": block_n, "HAS_MASK": True, "HAS_LENS": False, "UPCAST": dtype == "fp32"}
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+                              options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True})
     meta = compiled.metadata
     scratch = getattr(meta, "global_scratch_size", 0), getattr(meta, "profile_scratch_size", 0)
     if any(scratch):
         raise RuntimeError(f"the kernel needs global/profile scratch {scratch}; the plugin cannot provide it")
     if meta.shared > SHARED_LIMIT:
-        raise RuntimeError(f"the kernel needs {meta.shared} bytes of shared memory (limit {SHARED_LIMIT})")
-    return AotKernel(meta.name, compiled.asm["ptx"], meta.shared, meta.num_warps, block_h)
+        raise SharedMemoryTooLarge(f"the kernel needs {meta.shared} bytes of shared memory (limit {SHARED_LIMIT})")
+    ptx = drop_hidden_params(compiled.asm["ptx"], meta.name, KERNEL_PARAMS)
+    return AotKernel(meta.name, ptx, meta.shared, meta.num_warps, block_h)
+
+
+def entry_params(ptx: str, name: str) -> list[str]:
+    """The parameter declarations of the PTX entry `name`, in order."""
+    head = re.search(rf"\.entry {re.escape(name)}\((.*?)\)", ptx, re.S)
+    if head is None:
+        raise RuntimeError(f"no entry {name!r} in the PTX")
+    return [p.strip() for p in head.group(1).split(",")]
+
+
+def drop_hidden_params(ptx: str, name: str, keep: int) -> str:
+    """The PTX with only the first `keep` entry parameters.
+
+    Triton >= 3.3 appends a global-scratch pointer to every kernel's parameters, and >= 3.5 a profile-
+    scratch pointer; TensorRT's AOT launcher passes the kernel arguments and the extra scalars only, so a
+    launch would read parameter slots that were never given. With both scratch sizes 0 (checked by the
+    caller) the kernel never loads them, which is checked here before they are removed."""
+    params = entry_params(ptx, name)
+    hidden = [p.split()[-1] for p in params[keep:]]
+    used = [h for h in hidden if len(re.findall(rf"\b{re.escape(h)}\b", ptx)) > 1]
+    if used:
+        raise RuntimeError(f"the kernel reads its hidden parameters {used}; TensorRT would not pass them")
+    if not hidden:
+        return ptx
+    start = ptx.index(f".entry {name}(")
+    end = ptx.index(")", start)
+    return ptx[:start] + f".entry {name}(\n\t" + ",\n\t".join(params[:keep]) + "\n" + ptx[end:]
+
+
+def assemble(ptx: str, arch: int = 90) -> dict[str, int]:
+    """Assemble the PTX with the ptxas that ships with Triton (no GPU needed): registers per thread and
+    spill bytes, or RuntimeError with ptxas's message."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    suffix = "a" if arch >= 90 else ""  # Triton targets the arch-specific sm_90a / sm_100a
+    done = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}{suffix}", "-v", "-", "-o", "/dev/null"],
+                          input=ptx, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"ptxas rejected the kernel: {done.stderr.strip()[-1000:]}")
+    report = done.stderr + done.stdout
+    numbers = {key: re.search(pattern, report) for key, pattern in
+               (("registers", r"Used (\d+) registers"), ("spill_stores", r"(\d+) bytes spill stores"),
+                ("spill_loads", r"(\d+) bytes spill loads"))}
+    return {key: int(m.group(1)) for key, m in numbers.items() if m}
 
 
 if __name__ == "__main__":
