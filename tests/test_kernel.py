@@ -114,7 +114,7 @@ def test_aot_compiles_to_ptx_for_sm90_without_a_gpu(dtype):
     params = [p.split()[1] for p in entry_params(kernel.ptx, kernel.name)]
     assert len(decode_scalar_args(2, 128, 4096, D_C, D_R)) == 12
     assert params == [".u64"] * 4 + [".u32"] * 12 + [".u64"]
-    assert decode_grid(8, 128, kernel.block_h) == (8, 128 // kernel.block_h, 1)
+    assert decode_grid(8, 128, kernel.block_h) == (128 // kernel.block_h, 1, 8)
     # the PTX TensorRT gets assembles for Hopper, without spilling registers
     report = assemble(kernel.ptx, 90)
     assert report["spill_stores"] == report["spill_loads"] == 0 and report["registers"] <= 255

@@ -170,7 +170,7 @@ def test_decode_grid_and_scalars_use_only_symbolic_friendly_ops():
 
     b, h, t = LeftOnly(3), LeftOnly(20), LeftOnly(77)
     grid = decode_grid(b, h, 16)
-    assert [g.v if isinstance(g, LeftOnly) else g for g in grid] == [3, 2, 1]
+    assert [g.v if isinstance(g, LeftOnly) else g for g in grid] == [2, 1, 3]
     got = [v.v if isinstance(v, LeftOnly) else v for v in decode_scalar_args(b, h, t, 512, 64)]
     assert got == decode_scalar_args(3, 20, 77, 512, 64)
 

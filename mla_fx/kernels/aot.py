@@ -52,7 +52,8 @@ def decode_scalar_args(batch, heads, cache_len, kv_lora_rank: int, rope_dim: int
 
 
 def decode_grid(batch, heads, block_h: int):
-    return batch, (heads + block_h - 1) // block_h, 1
+    """(head blocks, splits, batch rows): head blocks fastest, so the programs reading one row run together."""
+    return (heads + block_h - 1) // block_h, 1, batch
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Triton latent-attention decode kernel: MQA over the latent cache, one query token per batch row.
 
-For each (batch row, block of heads, split of the cache) one program loads every cache tile once,
+For each (block of heads, split of the cache, batch row) one program loads every cache tile once,
 [c_KV (d_c) ; k_R (d_r)] as two power-of-two parts, and serves all heads of the block from it: the
 FlashMLA insight that one latent row serves every head, so the cache is read once per head block
 rather than once per head. Softmax is online, in float32, in the log2 domain. With several splits each
@@ -32,9 +32,11 @@ def latent_attention_decode_kernel(
     SCALE_LOG2E: tl.constexpr, D_C: tl.constexpr, D_R: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENS: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    split = tl.program_id(2)
+    # head blocks vary fastest in launch order: the programs that read the same cache rows run together,
+    # so the rows come from HBM once and from L2 for the other head blocks
+    heads = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    split = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     live = heads < n_heads
     offs_c = tl.arange(0, D_C)
     offs_r = tl.arange(0, D_R)
@@ -153,12 +155,12 @@ def latent_attention_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, latent
             latent_kv.stride(0), latent_kv.stride(1), key_mask.stride(0) if key_mask is not None else 0,
             heads, cache_len, per_split)
     if splits == 1:
-        latent_attention_decode_kernel[(batch, head_blocks, 1)](
+        latent_attention_decode_kernel[(head_blocks, 1, batch)](
             *args, out.stride(0), out.stride(1), 0, 0, 0, out, None, **common)
         return out.unsqueeze(2) if squeeze else out
     partial = torch.empty(batch, heads, splits, d_c, dtype=torch.float32, device=q_latent.device)
     lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q_latent.device)
-    latent_attention_decode_kernel[(batch, head_blocks, splits)](
+    latent_attention_decode_kernel[(head_blocks, splits, batch)](
         *args, partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1), partial, lse,
         **common)
     combine_splits_kernel[(batch, heads)](
