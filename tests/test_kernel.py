@@ -15,8 +15,10 @@ import torch
 triton = pytest.importorskip("triton", reason="triton not installed (pip install 'mla-fx[triton]')")
 
 from mla_fx.kernels.aot import (  # noqa: E402
+    SCALAR_NAMES,
     SHARED_LIMIT,
     AotKernel,
+    aligned_args,
     assemble,
     decode_grid,
     decode_scalar_args,
@@ -115,9 +117,23 @@ def test_aot_compiles_to_ptx_for_sm90_without_a_gpu(dtype):
     assert len(decode_scalar_args(2, 128, 4096, D_C, D_R)) == 12
     assert params == [".u64"] * 4 + [".u32"] * 12 + [".u64"]
     assert decode_grid(8, 128, kernel.block_h) == (128 // kernel.block_h, 1, 8)
-    # the PTX TensorRT gets assembles for Hopper, without spilling registers
+    # the PTX TensorRT gets assembles for Hopper, without spilling registers, and its cache loads are
+    # vectorized and pipelined (cp.async): both need the alignment promises of aligned_args
     report = assemble(kernel.ptx, 90)
     assert report["spill_stores"] == report["spill_loads"] == 0 and report["registers"] <= 255
+    assert "cp.async.cg.shared.global" in kernel.ptx
+
+
+def test_alignment_promises_hold_for_every_shape():
+    assert aligned_args("bf16", 512, 64) == ["q_latent_ptr", "q_rope_ptr", "kv_ptr", "out_ptr", "stride_qb",
+                                             "stride_qh", "stride_rb", "stride_rh", "stride_kvb", "stride_kvt",
+                                             "stride_ob", "stride_oh"]
+    # rows of 4 x 2 bytes (q_rope) and 36 x 2 bytes (the cache) are not 16-byte multiples
+    small = aligned_args("fp16", 32, 4)
+    assert "q_rope_ptr" not in small and "kv_ptr" not in small and "stride_kvt" not in small
+    for batch, heads, cache_len in ((1, 1, 1), (3, 5, 77), (64, 128, 4096)):
+        values = dict(zip(SCALAR_NAMES, decode_scalar_args(batch, heads, cache_len, 512, 64), strict=True))
+        assert all(values[name] % 16 == 0 for name in aligned_args("fp16", 512, 64) if name in values)
 
 
 PTX_WITH_SCRATCH = """.visible .entry k(

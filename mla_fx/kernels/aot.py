@@ -66,6 +66,28 @@ def main() -> None:
     print(json.dumps(kernel.__dict__))
 
 
+SCALAR_NAMES = ("stride_qb", "stride_qh", "stride_rb", "stride_rh", "stride_kvb", "stride_kvt", "stride_mb", "n_heads",
+                "cache_len", "tokens_per_split", "stride_ob", "stride_oh")
+
+
+def aligned_args(dtype: str, kv_lora_rank: int, rope_dim: int) -> list[str]:
+    """The arguments the compiler may take as multiples of 16 (pointers: 16-byte aligned).
+
+    Without these hints Triton neither vectorizes the loads nor pipelines them (no cp.async): Triton's
+    own launcher derives them from the actual values, the AOT kernel has to promise them. TensorRT
+    allocates tensors 256-byte aligned; a packed tensor inside another starts at a row boundary, so a
+    pointer is promised aligned when its row (d_c, d_r, d_c + d_r values) is a multiple of 16 bytes.
+    A scalar is promised divisible when it is a multiple of 16 whatever the batch, heads and cache length
+    (each scalar is a product of those and a constant). The mask pointer and its stride are not promised."""
+    itemsize = {"fp16": 2, "bf16": 2, "fp32": 4}[dtype]
+    rows = {"q_latent_ptr": kv_lora_rank, "q_rope_ptr": rope_dim, "kv_ptr": kv_lora_rank + rope_dim,
+            "out_ptr": kv_lora_rank}
+    pointers = [name for name, width in rows.items() if width * itemsize % 16 == 0]
+    factors = decode_scalar_args(1, 1, 1, kv_lora_rank, rope_dim)
+    scalars = [name for name, value in zip(SCALAR_NAMES, factors, strict=True) if value % 16 == 0]
+    return pointers + scalars
+
+
 def compile_for_plugin(dtype: str, kv_lora_rank: int, rope_dim: int, scale: float, arch: int = 90) -> AotKernel:
     """The fastest of PLUGIN_CONFIGS whose shared memory fits a plugin launch."""
     for block_h, block_n, num_stages in PLUGIN_CONFIGS:
@@ -93,8 +115,7 @@ def compile_decode_ptx(dtype: str, kv_lora_rank: int, rope_dim: int, scale: floa
     fn = JITFunction(latent_attention_decode_kernel.fn)  # a real JIT function even under TRITON_INTERPRET
     signature = {
         "q_latent_ptr": ptr, "q_rope_ptr": ptr, "kv_ptr": ptr, "mask_ptr": "*i8", "seq_lens_ptr": "constexpr",
-        **{name: "i32" for name in ("stride_qb", "stride_qh", "stride_rb", "stride_rh", "stride_kvb", "stride_kvt",
-                                    "stride_mb", "n_heads", "cache_len", "tokens_per_split")},
+        **{name: "i32" for name in SCALAR_NAMES[:10]},
         "stride_ob": "i32", "stride_oh": "i32", "stride_os": "constexpr", "stride_lb": "constexpr",
         "stride_lh": "constexpr", "out_ptr": ptr, "lse_ptr": "constexpr",
         **{name: "constexpr" for name in ("SCALE_LOG2E", "D_C", "D_R", "BLOCK_H", "BLOCK_N", "HAS_MASK",
@@ -103,7 +124,9 @@ def compile_decode_ptx(dtype: str, kv_lora_rank: int, rope_dim: int, scale: floa
     constexprs = {"seq_lens_ptr": None, "lse_ptr": None, "stride_os": 0, "stride_lb": 0, "stride_lh": 0,
                   "SCALE_LOG2E": float(scale) * LOG2E, "D_C": kv_lora_rank, "D_R": rope_dim, "BLOCK_H": block_h,
                   "BLOCK_N": block_n, "HAS_MASK": True, "HAS_LENS": False, "UPCAST": dtype == "fp32"}
-    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs,
+                                       attrs={(list(signature).index(name),): [["tt.divisibility", 16]]
+                                              for name in aligned_args(dtype, kv_lora_rank, rope_dim)})
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True})
     meta = compiled.metadata
