@@ -4,7 +4,7 @@
 
 Benchmarks: roofline, cache_size, decode_cpu, prefill_crossover, passes_scale (see each module).
 --quick takes about a minute on a quiet 2-core machine; the full suite under 15 minutes.
-GPU measurements are not part of this suite; it says so and skips them.
+GPU measurements are not part of this suite (it says so): the kernel's are python -m benchmarks.kernel_gpu.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ def gpu_note() -> str:
     import torch
 
     if torch.cuda.is_available():
-        return (f"GPU: {torch.cuda.get_device_name(0)} present, but this suite measures CPU only; "
-                "GPU measurements (Triton kernel bandwidth, decode on the GPU) skipped.")
-    return "GPU: no CUDA device on this machine; GPU measurements (Triton kernel, GPU decode) skipped."
+        return (f"GPU: {torch.cuda.get_device_name(0)} present, but this suite measures CPU only; the Triton "
+                "kernel's bandwidth and SDPA comparison: python -m benchmarks.kernel_gpu")
+    return "GPU: no CUDA device on this machine; GPU measurements (python -m benchmarks.kernel_gpu) skipped."
 
 
 def targets(decode_rows: list[dict]) -> list[str]:
