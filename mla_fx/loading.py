@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -125,10 +126,16 @@ def _load_directory(path: Path) -> LoadedModel:
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise LoadError(f"{path} has a config.json but no weights (*.safetensors)")
     try:
-        model = tf.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation="sdpa",
-                                                        dtype=torch.float32)
+        model, info = tf.AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, attn_implementation="sdpa", dtype=torch.float32, output_loading_info=True)
     except Exception as e:
         raise LoadError(f"{path}: transformers cannot load this directory: {e}") from e
+    problems = {what: sorted(info.get(key) or []) for what, key in
+                (("missing", "missing_keys"), ("of the wrong shape", "mismatched_keys"))}
+    problems = {what: keys for what, keys in problems.items() if keys}
+    if problems:
+        listed = "; ".join(f"{len(k)} {what} (e.g. {', '.join(map(str, k[:3]))})" for what, k in problems.items())
+        raise LoadError(f"{path}: the weights do not fit config.json: {listed}")
     cfg = model.config
     return LoadedModel(str(path), "hf", CausalLMLogits(model).eval(), None, cfg.vocab_size,
                        getattr(cfg, "max_position_embeddings", DEFAULT_MAX_SEQ), cfg.to_dict())
@@ -149,16 +156,24 @@ def _load_file(path: Path, config: Path | None, trust_pickle: bool) -> LoadedMod
         except Exception as e:
             raise LoadError(f"{path}: not a loadable torch.export program ({type(e).__name__}: {e})") from e
         return LoadedModel(str(path), "exported", None, program, _vocab_of_program(program))
+    not_a_model = (f"{path} is not a model: neither a torch.export program (.pt2), a state dict, a pickled "
+                   "module, nor a safetensors file")
+    if not _looks_like_torch_save(path):
+        raise LoadError(not_a_model)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         if "weights_only" not in str(e) and "Unpickl" not in type(e).__name__ + str(e):
-            raise LoadError(f"{path} is not a model: neither a torch.export program (.pt2), a state dict, "
-                            f"nor a safetensors file ({type(e).__name__})") from e
+            raise LoadError(f"{not_a_model} ({type(e).__name__})") from e
         if not trust_pickle:
             raise LoadError(f"{path} is a pickled object; unpickling runs code from the file. "
                             "Pass --trust-pickle only if you trust its author") from e
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e2:
+            raise LoadError(f"{path} could not be unpickled ({type(e2).__name__}: {str(e2)[:200]})") from e2
     if isinstance(obj, nn.Module):
         module = CausalLMLogits(obj) if hasattr(obj, "config") and hasattr(obj, "generation_config") else obj
         vocab = getattr(getattr(obj, "config", None), "vocab_size", None)
@@ -168,6 +183,13 @@ def _load_file(path: Path, config: Path | None, trust_pickle: bool) -> LoadedMod
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return _with_config(obj, path, config)
     raise LoadError(f"{path}: holds a {type(obj).__name__}, not a model or a state dict")
+
+
+def _looks_like_torch_save(path: Path) -> bool:
+    """torch.save writes a zip archive (or, in its legacy format, a pickle: protocol 2+ starts with 0x80)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return zipfile.is_zipfile(path) or head[:1] == b"\x80"
 
 
 def _is_export_archive(path: Path) -> bool:

@@ -85,15 +85,41 @@ def test_hf_model_directory(tmp_path):
     torch.testing.assert_close(loaded.reference()(_ids()), model(_ids()))
 
 
+@pytest.mark.skipif(not has_transformers(), reason="transformers not installed")
+def test_hf_directory_with_weights_that_do_not_fit(tmp_path):
+    from safetensors.torch import load_file
+
+    build_zoo("deepseek_v3").model.save_pretrained(tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    state = load_file(weights)
+    del state["model.layers.0.self_attn.kv_b_proj.weight"]
+    save_file(state, weights)
+    with pytest.raises(LoadError, match=r"do not fit config.json: 1 missing \(e.g. model.layers.0.self_attn.kv_b_pr"):
+        load_model(tmp_path / "hf")
+
+
 @pytest.mark.parametrize("content, match", [
     (b"hello, I am not a model\n", "is not a model"),
     (b"", "is not a model"),
+    (bytes(range(256)) * 16, "is not a model"),  # random-looking bytes are not called a pickle
 ])
 def test_files_that_are_not_models(tmp_path, content, match):
     path = tmp_path / "junk.pt"
     path.write_bytes(content)
     with pytest.raises(LoadError, match=match):
         load_model(path)
+
+
+def test_trusted_pickle_that_is_not_a_model(tmp_path):
+    import pickle
+
+    path = tmp_path / "plain.pkl"
+    path.write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    with pytest.raises(LoadError, match="could not be unpickled|holds a dict"):
+        load_model(path, trust_pickle=True)
+    path.write_bytes(b"\x80\x04" + bytes(range(256)) * 4)
+    with pytest.raises(LoadError, match="could not be unpickled"):
+        load_model(path, trust_pickle=True)
 
 
 def test_corrupt_export_archive(tmp_path):
