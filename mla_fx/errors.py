@@ -27,13 +27,12 @@ class MissingDependency(MLAFXError):
     """An optional package (transformers, triton, tensorrt) is needed but not installed."""
 
 
-def require(module: str, extra: str, purpose: str):
-    """Import an optional dependency or raise MissingDependency naming the pip extra."""
+def require(module: str, extra: str | None, purpose: str):
+    """Import a dependency or raise MissingDependency naming the pip extra (None: a core dependency)."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise MissingDependency(
-            f"{purpose} needs the '{module}' package: pip install 'mla-fx[{extra}]'"
-        ) from e
+        hint = f"pip install 'mla-fx[{extra}]'" if extra else "reinstall mla-fx, which depends on it"
+        raise MissingDependency(f"{purpose} needs the '{module}' package: {hint}") from e

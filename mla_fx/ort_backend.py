@@ -14,9 +14,13 @@ NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.floa
 
 
 def default_providers(ort) -> list[str]:
-    available = ort.get_available_providers()
-    cuda = "CUDAExecutionProvider" in available and _cuda_device_present()
-    return (["CUDAExecutionProvider"] if cuda else []) + ["CPUExecutionProvider"]
+    return (["CUDAExecutionProvider"] if cuda_available() else []) + ["CPUExecutionProvider"]
+
+
+def cuda_available() -> bool:
+    """ONNX Runtime's CUDA provider is installed and a CUDA device is present."""
+    ort = require("onnxruntime", None, "Running an ONNX export")
+    return "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_device_present()
 
 
 def _cuda_device_present() -> bool:
@@ -30,9 +34,13 @@ def _cuda_device_present() -> bool:
 
 class OnnxBackend:
     def __init__(self, directory: str | Path, providers: Sequence[str] | None = None):
-        ort = require("onnxruntime", "onnxruntime-gpu", "Running an ONNX export")
+        ort = require("onnxruntime", None, "Running an ONNX export")
         self.directory = Path(directory)
         self.manifest = read_export_manifest(self.directory)
+        missing = [k for k in ("dtype", "vocab_size", "programs", "layers") if k not in self.manifest]
+        if missing or not all(isinstance(layer, dict) and "latent_dim" in layer for layer in self.manifest["layers"]):
+            raise LoadError(f"{self.directory}: the manifest lacks {', '.join(missing) or 'layers[].latent_dim'}; "
+                            "re-export with mla-fx export MODEL --onnx")
         self.latent_dims = [layer["latent_dim"] for layer in self.manifest["layers"]]
         self.vocab_size = int(self.manifest["vocab_size"])
         if self.manifest["dtype"] not in NUMPY_DTYPES:
@@ -45,7 +53,17 @@ class OnnxBackend:
             path = self.directory / program["file"]
             if not path.is_file():
                 raise LoadError(f"{path} is missing from the export")
-            self.sessions[name] = ort.InferenceSession(str(path), providers=providers)
+            try:
+                session = ort.InferenceSession(str(path), providers=providers)
+            except Exception as e:
+                reason = str(e).strip().splitlines()[0][:200]
+                raise LoadError(f"{path}: ONNX Runtime cannot load it ({reason}); re-export with mla-fx export") from e
+            names = {i.name for i in session.get_inputs()}
+            expected = set(program.get("inputs", names))
+            if names != expected:
+                raise LoadError(f"{path} does not belong to this export: its inputs {sorted(names)} are not the "
+                                f"manifest's {sorted(expected)}; re-export with mla-fx export")
+            self.sessions[name] = session
 
     def _check(self, input_ids, position_ids, attention_mask, past: Sequence[np.ndarray] = ()) -> None:
         def need(cond: bool, message: str) -> None:
