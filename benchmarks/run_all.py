@@ -56,16 +56,19 @@ def targets(decode_rows: list[dict]) -> list[str]:
     return lines
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description=__doc__.splitlines()[0])
+def main(argv=None, prog: str = "python -m benchmarks.run_all") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a smaller grid, about a minute")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--only", default=",".join(NAMES), help=f"comma-separated subset of {','.join(NAMES)}")
     a = p.parse_args(argv)
     only = [n.strip() for n in a.only.split(",") if n.strip()]
     unknown = sorted(set(only) - set(NAMES))
-    if unknown:
-        p.error(f"unknown benchmark(s) {unknown}; known: {', '.join(NAMES)}")
+    if unknown or not only:
+        p.error(f"unknown benchmark(s) {unknown}; known: {', '.join(NAMES)}" if unknown else "--only names nothing")
+    from mla_fx.outputs import check_writable
+
+    check_writable(a.out, directory=True, what="the results")  # before minutes of measuring
     setup_threads()
     start = time.perf_counter()
     info = machine()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +93,12 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
 
 
 def export_onnx(programs: InferencePrograms, out: Path, *, attention: str = "custom", opset: int = OPSET,
-                model_name: str = "", tokenizer: str | None = None, progress=None) -> dict[str, Any]:
-    """Write step.onnx, prefill.onnx and the manifest into `out`, all or nothing."""
+                model_name: str = "", tokenizer: str | None = None, progress=None,
+                verify: Callable[[Path], None] | None = None) -> dict[str, Any]:
+    """Write step.onnx, prefill.onnx and the manifest into `out`, all or nothing.
+
+    `verify(folder)` runs on the finished export before it replaces `out`; if it raises, nothing is
+    written and an earlier export at `out` stays."""
     with atomic_directory(Path(out), MANIFEST, "mla-fx ONNX export") as tmp:
         files = {}
         for name in ("step", "prefill"):
@@ -113,6 +118,8 @@ def export_onnx(programs: InferencePrograms, out: Path, *, attention: str = "cus
             "crossover_tokens": programs.stats.get("crossover_tokens"),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if verify is not None:
+            verify(tmp)
     return manifest
 
 

@@ -33,7 +33,7 @@ def _suite_main():
 
 
 def main(argv: list[str] | None = None) -> int:
-    return _suite_main()(argv)
+    return _suite_main()(argv, prog="mla-fx bench")
 
 
 if __name__ == "__main__":
