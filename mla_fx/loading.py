@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import warnings
 import zipfile
 from dataclasses import dataclass, replace
@@ -151,10 +152,22 @@ def _load_file(path: Path, config: Path | None, trust_pickle: bool) -> LoadedMod
             raise LoadError(f"{path}: not a readable safetensors file ({e})") from e
         return _with_config(state, path, config)
     if zipfile.is_zipfile(path) and _is_export_archive(path):
+        logged: list[str] = []
+
+        def hold(record: logging.LogRecord) -> bool:  # torch logs the reading error as a traceback; keep its gist
+            if record.exc_info and record.exc_info[1] is not None:
+                logged.append(str(record.exc_info[1]).split(". ")[0])
+            return False
+
+        export_logger = logging.getLogger("torch.export")
+        export_logger.addFilter(hold)
         try:
             program = torch.export.load(path)
         except Exception as e:
-            raise LoadError(f"{path}: not a loadable torch.export program ({type(e).__name__}: {e})") from e
+            reason = logged[-1] if logged else str(e)
+            raise LoadError(f"{path}: not a loadable torch.export program ({reason.strip()[:300]})") from e
+        finally:
+            export_logger.removeFilter(hold)
         return LoadedModel(str(path), "exported", None, program, _vocab_of_program(program))
     not_a_model = (f"{path} is not a model: neither a torch.export program (.pt2), a state dict, a pickled "
                    "module, nor a safetensors file")
@@ -206,6 +219,8 @@ def _with_config(state: dict[str, torch.Tensor], path: Path, config: Path | None
 def load_model(model: str | Path, *, config: str | Path | None = None, trust_pickle: bool = False) -> LoadedModel:
     """Load MODEL as the CLI's argument describes it; every failure is a LoadError with the reason."""
     spec = str(model)
+    if config is not None and (spec == EXAMPLE or spec.startswith("zoo:") or Path(spec).is_dir()):
+        raise LoadError(f"--config is for a bare state dict or safetensors file; {spec} brings its own config")
     if spec == EXAMPLE:
         from mla_fx.models.trained import load_tiny_mla
 
