@@ -69,7 +69,7 @@ def absorb(gm: fx.GraphModule, config: AbsorbConfig | None = None, after_pass: A
     config = config or AbsorbConfig()
     sites, rejected = find_sites(gm)
     if not sites:
-        raise NoMLAError(no_mla_message(rejected))
+        raise NoMLAError(no_mla_message(rejected, gm))
     mode = resolve_mode(config.mode, sites)
     gm, stats = run_passes(gm, pipeline or ABSORB_PIPELINE, AbsorbConfig(mode=mode), after_pass)
     return AbsorbResult(gm, mode, sites, stats)

@@ -36,7 +36,7 @@ aten = torch.ops.aten
 def add_prefill_cache(gm: fx.GraphModule, config: Any = None) -> PassResult:
     sites, rejected = find_sites(gm)
     if not sites:
-        raise NoMLAError(no_mla_message(rejected))
+        raise NoMLAError(no_mla_message(rejected, gm))
     by_name = {n.name: n for n in gm.graph.nodes}
     flat_signature(gm)
     logits = outputs(gm)

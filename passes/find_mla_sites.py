@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import fx
 
 from mla_fx.errors import NoMLAError
@@ -141,7 +142,10 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[MLASite], dict[str, str]]:
     return sites, rejected
 
 
-def no_mla_message(rejected: dict[str, str]) -> str:
+def no_mla_message(rejected: dict[str, str], gm: fx.GraphModule | None = None) -> str:
+    if gm is not None and any(n.target is torch.ops.mla_fx.latent_attention.default for n in gm.graph.nodes):
+        return ("this program is already absorbed: its attention is mla_fx::latent_attention over the latent "
+                "cache. Give mla-fx the original model")
     if not rejected:
         found = "no scaled_dot_product_attention at all"
     else:
@@ -153,6 +157,6 @@ def find_mla_sites(gm: fx.GraphModule, config: Any = None) -> PassResult:
     """Analysis pass: fails with NoMLAError when the model has no MLA; stats list the sites."""
     sites, rejected = find_sites(gm)
     if not sites:
-        raise NoMLAError(no_mla_message(rejected))
+        raise NoMLAError(no_mla_message(rejected, gm))
     return PassResult(gm, False, {"sites": len(sites), "rejected": rejected,
                                   "specs": [s.to_dict() for s in sites]})
