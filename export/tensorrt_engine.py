@@ -97,8 +97,11 @@ def _build(trt, logger, path: Path, profile_shapes: dict, implementation: str, w
 
 def build_engines(onnx_dir: Path, out_dir: Path, *, max_batch: int, max_new_tokens: int, max_cache: int,
                   dtype: str | None = None, implementation: str = "aot", workspace_bytes: int | None = None,
-                  progress=None, verbose: bool = False) -> dict[str, Any]:
-    """Build and write step.engine, prefill.engine and the manifest into `out_dir`, all or nothing."""
+                  progress=None, verbose: bool = False, verify=None) -> dict[str, Any]:
+    """Build and write step.engine, prefill.engine and the manifest into `out_dir`, all or nothing.
+
+    `verify(folder)` runs on the finished folder before it replaces `out_dir`; if it raises, nothing is
+    written and an earlier folder at `out_dir` stays."""
     trt = require_tensorrt()
     require_cuda()
     if implementation not in IMPLEMENTATIONS:
@@ -132,4 +135,6 @@ def build_engines(onnx_dir: Path, out_dir: Path, *, max_batch: int, max_new_toke
             "compute_capability": list(torch.cuda.get_device_capability()), "programs": programs,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if verify is not None:
+            verify(tmp)
     return manifest

@@ -16,7 +16,7 @@ import os
 
 from mla_fx.errors import MissingDependency, MLAFXError
 
-TRT_MESSAGE = "TensorRT export needs the tensorrt package (pip install 'mla-fx[tensorrt]') and an NVIDIA GPU"
+TRT_MESSAGE = "TensorRT engines need the tensorrt package (pip install 'mla-fx[tensorrt]') and an NVIDIA GPU"
 
 try:
     import tensorrt as trt

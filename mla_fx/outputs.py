@@ -98,6 +98,8 @@ def _replace_directory(new: Path, out: Path) -> None:
 
 def read_manifest(directory: Path, manifest_name: str, fmt: str, what: str, how_to_make: str) -> dict[str, Any]:
     path = Path(directory) / manifest_name
+    if not Path(directory).exists():
+        raise LoadError(f"{directory} does not exist; make an {what} with: {how_to_make}")
     if not Path(directory).is_dir() or not path.is_file():
         raise LoadError(f"{directory} is not an {what} (no {manifest_name}); make one with: {how_to_make}")
     try:

@@ -107,7 +107,7 @@ def test_register_plugin_without_tensorrt(no_tensorrt):
 def test_build_engines_without_tensorrt(no_tensorrt, tmp_path):
     from mla_fx.export.tensorrt_engine import build_engines
 
-    with pytest.raises(MissingDependency, match=r"TensorRT export needs the tensorrt package"):
+    with pytest.raises(MissingDependency, match=r"TensorRT engines need the tensorrt package"):
         build_engines(tmp_path / "onnx", tmp_path / "trt", max_batch=2, max_new_tokens=8, max_cache=16)
     assert not (tmp_path / "trt").exists()
 
@@ -220,7 +220,7 @@ def test_cli_says_what_is_missing_and_writes_nothing(tmp_path, capsys):
 
     out = tmp_path / "engines"
     assert cli.main(["export", "zoo:reference", "--trt", "-o", str(out), "-q"]) == 1
-    assert "needs the tensorrt package" in capsys.readouterr().err and not out.exists()
+    assert "need the tensorrt package" in capsys.readouterr().err and not out.exists()
     assert cli.main(["check", "zoo:reference", "--trt", str(out), "-q"]) == 1
-    assert "needs the tensorrt package" in capsys.readouterr().err
+    assert "need the tensorrt package" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
