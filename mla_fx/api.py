@@ -13,7 +13,7 @@ import torch
 
 from mla_fx.absorb import AbsorbConfig, AbsorbResult, absorb, save_program, save_report, to_program
 from mla_fx.check import DTYPES, Comparison, compare_generation, compare_logits, random_inputs
-from mla_fx.errors import CheckFailed
+from mla_fx.errors import CheckFailed, MLAFXError
 from mla_fx.loading import LoadedModel
 from mla_fx.passes.manager import PassResult
 
@@ -43,6 +43,8 @@ def default_dtypes(loaded: LoadedModel) -> list[torch.dtype]:
 
 def parse_dtypes(text: str) -> list[torch.dtype]:
     names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"--dtypes {text!r} names no dtype; choose from {', '.join(DTYPES)}")
     unknown = [n for n in names if n not in DTYPES]
     if unknown:
         raise ValueError(f"unknown dtype(s) {unknown}; choose from {', '.join(DTYPES)}")
@@ -63,6 +65,14 @@ def token_prompts(loaded: LoadedModel) -> list[list[int]]:
 def prompts(loaded: LoadedModel) -> list[tuple[str, torch.Tensor]]:
     label = "text" if loaded.source == "builtin" else "random prompt"
     return [(label, torch.tensor([token_prompts(loaded)[0]]))]
+
+
+def check_generation_fits(loaded: LoadedModel, tokens: int) -> None:
+    """Generated tokens after the check prompt must stay within the model's positions."""
+    longest = max(len(p[0]) for _, p in prompts(loaded))
+    if tokens and loaded.max_seq and longest + tokens > loaded.max_seq:
+        raise MLAFXError(f"--generate {tokens}: the {longest}-token check prompt plus {tokens} new tokens pass the "
+                         f"model's {loaded.max_seq} positions; use --generate {loaded.max_seq - longest} or less")
 
 
 @dataclass
@@ -96,6 +106,7 @@ def absorb_and_check(loaded: LoadedModel, config: AbsorbConfig, dtype: torch.dty
                      pipeline: Sequence | None = None) -> Run:
     """Capture the model in `dtype`, run the pipeline, compare rewritten against original."""
     progress = progress or Progress(quiet=True)
+    check_generation_fits(loaded, generate_tokens if check else 0)
     model = loaded.to(dtype) if dtype is not None else loaded
     dtype = model.dtype
     name = str(dtype).removeprefix("torch.")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -11,6 +13,29 @@ import torch
 
 from mla_fx.api import token_prompts
 from mla_fx.errors import CheckFailed, MLAFXError
+
+
+def _count(minimum: int):
+    """argparse type: an integer >= minimum."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more, not {value}")
+        return value
+    return parse
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {text}")
+    return value
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -30,7 +55,7 @@ def _check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check-each-pass", action="store_true", help="check numerics after every pass; name the first "
                                                                    "pass that breaks them")
     p.add_argument("--dump-graphs", type=Path, metavar="DIR", help="write the graph after each pass to DIR")
-    p.add_argument("--generate", type=int, default=40, metavar="N",
+    p.add_argument("--generate", type=_count(0), default=40, metavar="N",
                    help="also compare N greedily generated tokens (0: off; default 40)")
 
 
@@ -58,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare the original, the rewritten inference programs and this ONNX export")
     p.add_argument("--trt", type=Path, metavar="DIR",
                    help="compare the original and the TensorRT engines in DIR (needs tensorrt and a GPU)")
-    p.add_argument("--decode-steps", type=int, default=64, help="token-by-token decode steps with --onnx/--trt")
+    p.add_argument("--decode-steps", type=_count(1), default=64,
+                   help="token-by-token decode steps with --onnx/--trt")
 
     p = sub.add_parser("inspect", help="list the MLA sites and their specs, without rewriting")
     _model_args(p)
@@ -69,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trt", action="store_true",
                    help="build TensorRT engines (step.engine, prefill.engine) with the mla_fx::LatentAttention "
                         "plugin; needs tensorrt and an NVIDIA GPU (default dtype float16)")
-    p.add_argument("--max-batch", type=int, default=8, help="TensorRT profile: largest batch")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="TensorRT profile: longest prompt")
-    p.add_argument("--max-cache", type=int, default=4096, help="TensorRT profile: longest cache")
+    p.add_argument("--max-batch", type=_count(1), default=8, help="TensorRT profile: largest batch")
+    p.add_argument("--max-new-tokens", type=_count(1), default=512, help="TensorRT profile: longest prompt")
+    p.add_argument("--max-cache", type=_count(1), default=4096, help="TensorRT profile: longest cache")
     p.add_argument("--plugin", choices=["aot", "jit"], default="aot",
                    help="TensorRT plugin implementation: aot (PTX in the engine, no Python) or jit (debugging)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory")
@@ -83,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="weights, activations and cache dtype of the exported programs (default float32 for "
                         "--onnx, float16 for --trt)")
-    p.add_argument("--decode-steps", type=int, default=16, help="decode steps in the check after export")
+    p.add_argument("--decode-steps", type=_count(1), default=16, help="decode steps in the check after export")
     p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime check after export")
 
     sub.add_parser("bench", help="the CPU benchmark suite: tables, CSV, plots (mla-fx bench --help)")
@@ -92,10 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("export_dir", type=Path, metavar="DIR", help="a folder written by mla-fx export --onnx or --trt")
     p.add_argument("--prompt", action="append", default=[], help="a text prompt (byte-level models); repeatable")
     p.add_argument("--ids", action="append", default=[], help="a prompt as comma-separated token ids; repeatable")
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=_count(1), default=40)
+    p.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=_count(0), default=0, help="sample from the k most likely tokens (0: all)")
+    p.add_argument("--seed", type=_count(0), default=0)
     p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
     return parser
 
@@ -123,9 +149,10 @@ def cmd_inspect(args) -> int:
     from mla_fx.passes.find_mla_sites import find_sites, no_mla_message
 
     loaded = load_model(args.model, config=args.config, trust_pickle=args.trust_pickle)
-    sites, rejected = find_sites(loaded.capture())
+    gm = loaded.capture()
+    sites, rejected = find_sites(gm)
     if not sites:
-        raise NoMLAError(no_mla_message(rejected))
+        raise NoMLAError(no_mla_message(rejected, gm))
     print(f"{loaded.name}: {len(sites)} MLA site(s)")
     _print_sites(sites)
     for name, why in rejected.items():
@@ -139,23 +166,53 @@ def _dtypes(args, loaded) -> list[torch.dtype]:
     return parse_dtypes(args.dtypes) if args.dtypes else default_dtypes(loaded)
 
 
+def _same_path(a: Path, b) -> bool:
+    a, b = Path(a), Path(b)
+    try:
+        return a.absolute() == b.absolute() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
+def _check_absorb_outputs(args) -> None:
+    """Before any work: -o is a .pt2 that can be written and is neither MODEL nor --report."""
+    from mla_fx.outputs import check_writable
+
+    if args.no_check and args.check_each_pass:
+        raise MLAFXError("--check-each-pass checks numerics; it cannot go with --no-check")
+    if args.output.suffix != ".pt2":
+        raise MLAFXError(f"-o {args.output}: the output is a torch.export program and must end in .pt2")
+    for flag, path in (("-o", args.output), ("--report", args.report)):
+        if path is not None and _same_path(path, args.model):
+            raise MLAFXError(f"{flag} {path} is MODEL itself; choose another output path")
+    if args.report is not None and _same_path(args.report, args.output):
+        raise MLAFXError(f"--report and -o are the same file ({args.output})")
+    check_writable(args.output, directory=False, what="the program")
+    if args.report is not None:
+        check_writable(args.report, directory=False, what="the report")
+    if args.dump_graphs is not None:
+        check_writable(args.dump_graphs, directory=True, what="the graphs")
+
+
 def cmd_absorb(args) -> int:
     from mla_fx.absorb import AbsorbConfig
     from mla_fx.api import Progress, absorb_and_check, write_outputs
     from mla_fx.loading import load_model
 
+    _check_absorb_outputs(args)
     progress = Progress(args.quiet)
     progress(f"loading {args.model}")
     loaded = load_model(args.model, config=args.config, trust_pickle=args.trust_pickle)
     config = AbsorbConfig(mode=args.mode)
     check = not args.no_check
+    dtypes = _dtypes(args, loaded)  # bad names fail before the work
     run = absorb_and_check(loaded, config, check=check, each_pass=args.check_each_pass,
                            generate_tokens=args.generate, dump_graphs=args.dump_graphs, progress=progress)
     print(f"{loaded.name}: {len(run.result.sites)} MLA layer(s) rewritten, mode {run.result.mode}")
     _print_sites(run.result.sites, run.result.mode)
     comparisons = list(run.comparisons)
     if check:
-        extra = [d for d in _dtypes(args, loaded) if d != loaded.dtype]
+        extra = [d for d in dtypes if d != loaded.dtype]
         for dtype in extra:
             comparisons += absorb_and_check(loaded, config, dtype, each_pass=args.check_each_pass,
                                             progress=progress).comparisons
@@ -197,10 +254,13 @@ def _check_onnx(args, loaded, progress):
 
 def cmd_check(args) -> int:
     from mla_fx.absorb import AbsorbConfig
-    from mla_fx.api import Progress, absorb_and_check, prompts
+    from mla_fx.api import Progress, absorb_and_check, check_generation_fits, prompts
     from mla_fx.check import compare_generation, compare_logits, random_inputs
     from mla_fx.loading import load_model
+    from mla_fx.outputs import check_writable
 
+    if args.dump_graphs is not None:
+        check_writable(args.dump_graphs, directory=True, what="the graphs")
     progress = Progress(args.quiet)
     loaded = load_model(args.model, config=args.config, trust_pickle=args.trust_pickle)
     comparisons = []
@@ -218,6 +278,10 @@ def cmd_check(args) -> int:
         rewritten = load_model(args.rewritten)
         if rewritten.program is None:
             raise MLAFXError(f"--rewritten {args.rewritten} is not a torch.export program (.pt2)")
+        if rewritten.vocab_size != loaded.vocab_size:
+            raise MLAFXError(f"--rewritten {args.rewritten} was made from another model (vocab "
+                             f"{rewritten.vocab_size}; MODEL has {loaded.vocab_size})")
+        check_generation_fits(loaded, args.generate)
         dtype = rewritten.dtype
         reference, candidate = loaded.to(dtype).reference(), rewritten.program.module()
         comparisons += compare_logits(reference, candidate, random_inputs(loaded.vocab_size), dtype)
@@ -229,6 +293,8 @@ def cmd_check(args) -> int:
                                    generate_tokens=args.generate if i == 0 else 0,
                                    dump_graphs=args.dump_graphs, progress=progress)
             comparisons += run.comparisons
+    if not comparisons:
+        raise MLAFXError("nothing was compared (give --dtypes, or --generate N > 0)")
     _print_comparisons(comparisons)
     return 0 if all(c.passed for c in comparisons) else 1
 
@@ -265,6 +331,9 @@ def cmd_export(args) -> int:
         require_cuda()
     if args.opset < 23:
         raise MLAFXError(f"--opset {args.opset}: the exported attention needs opset 23 or later")
+    from mla_fx.outputs import check_writable
+
+    check_writable(args.output, directory=True, what="the export")
     progress = Progress(args.quiet)
     progress(f"loading {args.model}")
     loaded = load_model(args.model, config=args.config, trust_pickle=args.trust_pickle)
@@ -275,26 +344,26 @@ def cmd_export(args) -> int:
     tokenizer = "bytes" if loaded.source == "builtin" else None
     if args.trt:
         return _export_trt(args, loaded, programs, tokenizer, progress)
+    check = not args.no_check and dtype != torch.bfloat16
+
+    def verify(folder: Path) -> None:
+        """ONNX Runtime against the original, on the finished export before it replaces -o."""
+        progress(f"checking ONNX Runtime against the original ({args.decode_steps} decode steps)")
+        backend = OnnxBackend(folder, ["CPUExecutionProvider"])
+        comparisons = check_backends(loaded.reference(), [("onnxruntime", backend)], token_prompts(loaded),
+                                     args.decode_steps, programs.dtype)
+        _print_comparisons(comparisons)
+        if not all(c.passed for c in comparisons):
+            raise CheckFailed(f"ONNX Runtime does not match the original; {args.output} not written")
+
     manifest = export_onnx(programs, args.output, attention=args.attention, opset=args.opset,
-                           model_name=loaded.name, tokenizer=tokenizer, progress=progress)
+                           model_name=loaded.name, tokenizer=tokenizer, progress=progress,
+                           verify=verify if check else None)
     print(f"{loaded.name}: {len(programs.sites)} MLA layer(s), mode {programs.mode}, wrote {args.output}/"
           f"{{step,prefill}}.onnx")
     _print_cache(manifest)
-    if args.no_check:
-        return 0
-    if dtype == torch.bfloat16:
+    if dtype == torch.bfloat16 and not args.no_check:
         print("ONNX Runtime has no bfloat16 kernels on CPU: check skipped (TensorRT runs bf16 engines)")
-        return 0
-    progress(f"checking ONNX Runtime against the original ({args.decode_steps} decode steps)")
-    ort_backend = OnnxBackend(args.output, ["CPUExecutionProvider"])
-    comparisons = check_backends(loaded.reference(), [("onnxruntime", ort_backend)], token_prompts(loaded),
-                                 args.decode_steps, programs.dtype)
-    _print_comparisons(comparisons)
-    if not all(c.passed for c in comparisons):
-        import shutil
-
-        shutil.rmtree(args.output, ignore_errors=True)
-        raise CheckFailed(f"ONNX Runtime does not match the original; removed {args.output}")
     return 0
 
 
@@ -306,23 +375,22 @@ def _export_trt(args, loaded, programs, tokenizer, progress) -> int:
     from mla_fx.export.tensorrt_engine import build_engines
     from mla_fx.trt_backend import TensorRTBackend
 
+    def verify(folder: Path) -> None:
+        """TensorRT against the original, on the finished engines before they replace -o."""
+        comparisons = check_backends(loaded.reference(), [("tensorrt", TensorRTBackend(folder))],
+                                     token_prompts(loaded), args.decode_steps, programs.dtype)
+        _print_comparisons(comparisons)
+        if not all(c.passed for c in comparisons):
+            raise CheckFailed(f"TensorRT does not match the original; {args.output} not written")
+
     with tempfile.TemporaryDirectory() as tmp:
         onnx_dir = Path(tmp) / "onnx"
         export_onnx(programs, onnx_dir, attention="custom", opset=args.opset, model_name=loaded.name,
                     tokenizer=tokenizer, progress=progress)
         build_engines(onnx_dir, args.output, max_batch=args.max_batch, max_new_tokens=args.max_new_tokens,
-                      max_cache=args.max_cache, implementation=args.plugin, progress=progress)
+                      max_cache=args.max_cache, implementation=args.plugin, progress=progress,
+                      verify=None if args.no_check else verify)
     print(f"{loaded.name}: wrote TensorRT engines to {args.output}/{{step,prefill}}.engine")
-    if args.no_check:
-        return 0
-    comparisons = check_backends(loaded.reference(), [("tensorrt", TensorRTBackend(args.output))],
-                                 token_prompts(loaded), args.decode_steps, programs.dtype)
-    _print_comparisons(comparisons)
-    if not all(c.passed for c in comparisons):
-        import shutil
-
-        shutil.rmtree(args.output, ignore_errors=True)
-        raise CheckFailed(f"TensorRT does not match the original; removed {args.output}")
     return 0
 
 
@@ -337,6 +405,11 @@ def _open_backend(directory: Path, provider: str = "auto"):
     from mla_fx.ort_backend import OnnxBackend
 
     providers = {"auto": None, "cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider"]}[provider]
+    if provider == "cuda":
+        from mla_fx.ort_backend import cuda_available
+
+        if not cuda_available():
+            raise MLAFXError("--provider cuda: no CUDA device, or onnxruntime without its CUDA provider, here")
     return OnnxBackend(directory, providers)
 
 
@@ -349,11 +422,19 @@ def cmd_generate(args) -> int:
     if args.prompt and not text:
         raise MLAFXError(f"{args.export_dir} has no tokenizer mla-fx can run; give prompts as --ids 1,2,3")
     try:
-        prompts = [encode(p) for p in args.prompt] + [[int(t) for t in i.split(",") if t.strip()] for i in args.ids]
+        prompts = [encode(p) for p in args.prompt] + [[int(t) for t in i.split(",")] for i in args.ids]
     except ValueError as e:
         raise MLAFXError(f"--ids takes comma-separated integers: {e}") from e
     if not prompts:
         raise MLAFXError("give at least one --prompt TEXT or --ids 1,2,3")
+    bad = sorted({t for p in prompts for t in p if not 0 <= t < backend.vocab_size})
+    if bad:
+        raise MLAFXError(f"token ids {bad[:5]} are outside the model's vocabulary [0, {backend.vocab_size})")
+    max_seq = backend.manifest.get("max_seq")
+    longest = max(len(p) for p in prompts)
+    if max_seq and longest + args.max_new_tokens > max_seq:
+        raise MLAFXError(f"a {longest}-token prompt plus {args.max_new_tokens} new tokens passes the model's "
+                         f"{max_seq} positions; use --max-new-tokens {max(max_seq - longest, 0)} or less")
     outs = generate(backend, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     seed=args.seed)
     for prompt, new in zip(prompts, outs, strict=True):
@@ -366,18 +447,24 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # the suite parses its own options (--quick, --out, --only)
         from mla_fx import bench
 
-        return bench.main(argv[1:])
-    args = build_parser().parse_args(argv)
+        command, handler = "bench", lambda: bench.main(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+        command = args.command
+        handler = {"absorb": cmd_absorb, "check": cmd_check, "inspect": cmd_inspect, "export": cmd_export,
+                   "generate": cmd_generate}[command]
+        handler = functools.partial(handler, args)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")  # torch.export internals
-    handler = {"absorb": cmd_absorb, "check": cmd_check, "inspect": cmd_inspect, "export": cmd_export,
-               "generate": cmd_generate}[args.command]
     try:
-        return handler(args)
+        return handler()
     except MLAFXError as e:
-        print(f"mla-fx {args.command}: error: {e}", file=sys.stderr)
+        print(f"mla-fx {command}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a file or folder the user named that cannot be read or written
+        print(f"mla-fx {command}: error: {e}", file=sys.stderr)
         return 1
     except ValueError as e:  # bad option values (dtype names, modes)
-        print(f"mla-fx {args.command}: error: {e}", file=sys.stderr)
+        print(f"mla-fx {command}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -93,3 +93,50 @@ def test_bad_arguments_exit_non_zero(tmp_path, capsys):
     assert cli.main(["check", "zoo:reference", "--dtypes", "float8", "-q"]) == 2
     assert "unknown dtype" in capsys.readouterr().err
     assert not (tmp_path / "o.pt2").exists()
+    assert cli.main(["check", "zoo:reference", "--dtypes", ",", "-q"]) == 2
+    assert "names no dtype" in capsys.readouterr().err
+    assert cli.main(["check", "example", "--generate", "200", "--dtypes", "float32", "-q"]) == 1
+    assert "pass the model's 128 positions" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["absorb", "example", "-o", str(tmp_path / "o.pt2"), "--generate", "-5"])
+    assert "argument --generate: must be 0 or more" in capsys.readouterr().err
+
+
+def test_outputs_are_checked_before_any_work(tmp_path, capsys):
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"not touched")
+    (tmp_path / "d.pt2").mkdir()
+    cases = [
+        (["-o", str(tmp_path / "x.txt")], "must end in .pt2"),
+        (["-o", str(tmp_path / "d.pt2")], "it exists and is a directory"),
+        (["-o", str(tmp_path / "same.pt2"), "--report", str(tmp_path / "same.pt2")], "are the same file"),
+        (["-o", str(tmp_path / "o.pt2"), "--report", str(weights)], "is MODEL itself"),
+        (["-o", str(tmp_path / "o.pt2"), "--dump-graphs", str(weights)], "it exists and is a file"),
+    ]
+    for extra, message in cases:
+        assert cli.main(["absorb", str(weights), "--config", str(tmp_path / "c.json"), *extra, "-q"]) == 1
+        assert message in capsys.readouterr().err
+    # a report that cannot be written stops the run before the program is written
+    assert cli.main(["absorb", "example", "-o", str(tmp_path / "o.pt2"), "--report", str(weights / "r.json"),
+                     "-q"]) == 1
+    assert "is not a writable folder" in capsys.readouterr().err
+    assert weights.read_bytes() == b"not touched"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.pt2", "w.safetensors"]
+
+
+def test_outputs_get_the_usual_permissions(absorbed_example):
+    for path in absorbed_example:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_an_absorbed_program_is_recognised_as_such(absorbed_example, capsys):
+    assert cli.main(["inspect", str(absorbed_example[0])]) == 1
+    assert "this program is already absorbed" in capsys.readouterr().err

@@ -105,7 +105,41 @@ def test_generate_argument_errors(example_export, capsys):
     assert cli.main(["generate", str(example_export), "--ids", "1,x"]) == 1
     assert "comma-separated integers" in capsys.readouterr().err
     assert cli.main(["generate", str(example_export), "--ids", "99999"]) == 1
-    assert "token ids must be in [0, 256)" in capsys.readouterr().err
+    assert "token ids [99999] are outside the model's vocabulary [0, 256)" in capsys.readouterr().err
+    assert cli.main(["generate", str(example_export), "--ids", "1,99999999999999999999999"]) == 1
+    assert "outside the model's vocabulary" in capsys.readouterr().err
+    assert cli.main(["generate", str(example_export), "--prompt", "Hi", "--max-new-tokens", "200"]) == 1
+    assert "passes the model's 128 positions; use --max-new-tokens 126 or less" in capsys.readouterr().err
+    for flag, value in (("--max-new-tokens", "0"), ("--temperature", "-1"), ("--temperature", "nan"),
+                        ("--top-k", "-5"), ("--seed", "-1")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["generate", str(example_export), "--prompt", "Hi", flag, value])
+        assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+
+
+def test_damaged_exports_are_named_not_run(example_export, tmp_path, capsys):
+    import json
+    import shutil
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(example_export, truncated)
+    data = (truncated / "step.onnx").read_bytes()
+    (truncated / "step.onnx").write_bytes(data[: len(data) // 3])
+    assert cli.main(["generate", str(truncated), "--prompt", "Hi"]) == 1
+    assert "step.onnx: ONNX Runtime cannot load it" in capsys.readouterr().err
+
+    swapped = tmp_path / "swapped"
+    shutil.copytree(example_export, swapped)
+    manifest = json.loads((swapped / "mla_fx_export.json").read_text())
+    manifest["programs"]["step"]["inputs"].append("past_latent.9")
+    (swapped / "mla_fx_export.json").write_text(json.dumps(manifest))
+    assert cli.main(["generate", str(swapped), "--prompt", "Hi"]) == 1
+    assert "does not belong to this export" in capsys.readouterr().err
+
+    del manifest["layers"]
+    (swapped / "mla_fx_export.json").write_text(json.dumps(manifest))
+    assert cli.main(["generate", str(swapped), "--prompt", "Hi"]) == 1
+    assert "the manifest lacks layers" in capsys.readouterr().err
 
 
 def test_opset_below_23_is_refused(tmp_path, capsys):
@@ -126,3 +160,26 @@ def test_float16_export_runs_in_onnx_runtime(tmp_path, capsys):
     step = onnx.load(out / "step.onnx")
     past = next(i for i in step.graph.input if i.name == "past_latent.0")
     assert past.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
+def test_a_failed_check_keeps_the_earlier_export(tmp_path, monkeypatch, capsys):
+    import mla_fx.check_backends
+    from mla_fx.check import Comparison
+
+    out = tmp_path / "out"
+    assert cli.main(["export", "zoo:reference", "--onnx", "-o", str(out), "--no-check", "-q"]) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    failing = Comparison("decode logits[onnxruntime]", (1,), 1.0, 1.0, 0.0, 1e-4, False)
+    monkeypatch.setattr(mla_fx.check_backends, "check_backends", lambda *a, **k: [failing])
+    assert cli.main(["export", "zoo:reference", "--onnx", "-o", str(out), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert f"ONNX Runtime does not match the original; {out} not written" in err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left
+
+
+def test_export_output_that_cannot_be_a_folder(tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("keep me")
+    assert cli.main(["export", "zoo:reference", "--onnx", "-o", str(tmp_path / "file.txt"), "-q"]) == 1
+    assert "exists and is a file" in capsys.readouterr().err
+    assert (tmp_path / "file.txt").read_text() == "keep me"
