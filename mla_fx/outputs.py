@@ -35,11 +35,18 @@ def check_writable(path: Path, *, directory: bool, what: str) -> None:
         raise MLAFXError(f"cannot write {what} {path}: {parent} is not a writable folder")
 
 
+def _make_parents(path: Path) -> Path | None:
+    """Create the missing folders above `path`; the topmost one created (to remove on failure), or None."""
+    missing = [p for p in path.absolute().parents if not p.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return missing[-1] if missing else None
+
+
 def atomic_file(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file in the same folder, then rename it into place."""
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        created = _make_parents(path)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp", suffix=path.suffix)
         os.close(fd)
     except OSError as e:
@@ -50,6 +57,8 @@ def atomic_file(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         if isinstance(e, OSError):
             raise MLAFXError(f"cannot write {path}: {e.strerror or e}") from e
         raise
@@ -65,7 +74,7 @@ def atomic_directory(out: Path, manifest_name: str, what: str) -> Iterator[Path]
     if out.exists() and not (out / manifest_name).is_file() and any(out.iterdir()):
         raise MLAFXError(f"{out} exists and is not an {what}; choose another output directory")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        created = _make_parents(out)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
     except OSError as e:
         raise MLAFXError(f"cannot write {out}: {e.strerror or e}") from e
@@ -74,7 +83,7 @@ def atomic_directory(out: Path, manifest_name: str, what: str) -> Iterator[Path]
         os.chmod(tmp, _permissions(directory=True))
         _replace_directory(tmp, out)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(created or tmp, ignore_errors=True)
         if isinstance(e, OSError):
             raise MLAFXError(f"cannot write {out}: {e.strerror or e}") from e
         raise

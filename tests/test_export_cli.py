@@ -95,7 +95,8 @@ def test_a_failed_export_leaves_no_directory(tmp_path, monkeypatch, capsys):
         return real(programs, name, attention, opset)
 
     monkeypatch.setattr(onnx_export, "export_program", fail_on_prefill)
-    assert cli.main(["export", "zoo:reference", "--onnx", "-o", str(tmp_path / "out"), "--no-check", "-q"]) == 1
+    out = tmp_path / "new" / "out"  # folders made for -o go too
+    assert cli.main(["export", "zoo:reference", "--onnx", "-o", str(out), "--no-check", "-q"]) == 1
     assert calls == ["step", "prefill"] and list(tmp_path.iterdir()) == []
 
 
