@@ -442,6 +442,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _quiet_libraries() -> None:
+    """-q: no progress bars or advisory warnings from transformers and torch.onnx either."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # the suite parses its own options (--quick, --out, --only)
@@ -454,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         handler = {"absorb": cmd_absorb, "check": cmd_check, "inspect": cmd_inspect, "export": cmd_export,
                    "generate": cmd_generate}[command]
         handler = functools.partial(handler, args)
+        if getattr(args, "quiet", False):
+            _quiet_libraries()
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")  # torch.export internals
     try:
         return handler()
