@@ -22,6 +22,8 @@ from .latent_attention import LOG2E, latent_attention_decode_kernel
 DTYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 KERNEL_PARAMS = 4 + 12 + 1  # what TensorRT passes: input pointers, int32 scalars, the output pointer
 SHARED_LIMIT = 48 * 1024  # TensorRT plugins launch without opting into more shared memory
+JIT_NUM_STAGES = 3  # Triton's default for CUDA, which the CUDA path's launches use
+HOPPER_SHARED_LIMIT = 227 * 1024  # the most shared memory one block can opt into on sm_90
 # (block_h, block_n, num_stages), fastest first: 16-row tiles in 2 stages fit 48 KB in fp16/bf16 at d_c 512,
 # fp32 needs 8 x 8 tiles
 PLUGIN_CONFIGS = ((16, 16, 2), (16, 16, 1), (8, 8, 2), (8, 8, 1))
@@ -57,13 +59,25 @@ def decode_grid(batch, heads, block_h: int):
 
 
 def main() -> None:
-    """python -m mla_fx.kernels.aot DTYPE D_C D_R SCALE: print the compiled kernel as JSON."""
+    """python -m mla_fx.kernels.aot DTYPE D_C D_R SCALE [cuda-path]: print as JSON the plugin's kernel, or
+    (cuda-path) the single-pass and split kernels in the tiling the CUDA path launches by default."""
+    import inspect
     import json
     import sys
 
+    from .latent_attention import latent_attention_decode
+
     dtype, d_c, d_r, scale = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-    kernel = compile_for_plugin(dtype, d_c, d_r, scale)
-    print(json.dumps(kernel.__dict__))
+    if sys.argv[5:] != ["cuda-path"]:
+        print(json.dumps(compile_for_plugin(dtype, d_c, d_r, scale).__dict__))
+        return
+    defaults = {k: p.default for k, p in inspect.signature(latent_attention_decode).parameters.items()}
+    kernels = []
+    for split in (False, True):
+        compiled = compile_decode(dtype, d_c, d_r, scale, block_h=defaults["block_h"], block_n=defaults["block_n"],
+                                  num_warps=defaults["num_warps"], num_stages=JIT_NUM_STAGES, split=split)
+        kernels.append({"split": split, "shared_bytes": compiled.metadata.shared, "ptx": compiled.asm["ptx"]})
+    print(json.dumps(kernels))
 
 
 SCALAR_NAMES = ("stride_qb", "stride_qh", "stride_rb", "stride_rh", "stride_kvb", "stride_kvt", "stride_mb", "n_heads",
@@ -105,30 +119,13 @@ class SharedMemoryTooLarge(RuntimeError):
 
 def compile_decode_ptx(dtype: str, kv_lora_rank: int, rope_dim: int, scale: float, arch: int = 90,
                        block_h: int = 16, block_n: int = 16, num_warps: int = 4, num_stages: int = 2) -> AotKernel:
-    """PTX of the single-pass kernel; block_n 16 with 2 stages keeps shared memory at 38 KB for d_c 512, d_r 64.
+    """PTX of the single-pass kernel for the plugin; block_n 16 with 2 stages keeps shared memory at 37 KB
+    for d_c 512, d_r 64.
 
     Run it in a process without TRITON_INTERPRET=1: the interpreter patches triton.language globally.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
-    ptr = DTYPES[dtype]
-    fn = JITFunction(latent_attention_decode_kernel.fn)  # a real JIT function even under TRITON_INTERPRET
-    signature = {
-        "q_latent_ptr": ptr, "q_rope_ptr": ptr, "kv_ptr": ptr, "mask_ptr": "*i8", "seq_lens_ptr": "constexpr",
-        **{name: "i32" for name in SCALAR_NAMES[:10]},
-        "stride_ob": "i32", "stride_oh": "i32", "stride_os": "constexpr", "stride_lb": "constexpr",
-        "stride_lh": "constexpr", "out_ptr": ptr, "lse_ptr": "constexpr",
-        **{name: "constexpr" for name in ("SCALE_LOG2E", "D_C", "D_R", "BLOCK_H", "BLOCK_N", "HAS_MASK",
-                                         "HAS_LENS", "UPCAST")},
-    }
-    constexprs = {"seq_lens_ptr": None, "lse_ptr": None, "stride_os": 0, "stride_lb": 0, "stride_lh": 0,
-                  "SCALE_LOG2E": float(scale) * LOG2E, "D_C": kv_lora_rank, "D_R": rope_dim, "BLOCK_H": block_h,
-                  "BLOCK_N": block_n, "HAS_MASK": True, "HAS_LENS": False, "UPCAST": dtype == "fp32"}
-    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs,
-                                       attrs={(list(signature).index(name),): [["tt.divisibility", 16]]
-                                              for name in aligned_args(dtype, kv_lora_rank, rope_dim)})
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True})
+    compiled = compile_decode(dtype, kv_lora_rank, rope_dim, scale, arch, block_h=block_h, block_n=block_n,
+                              num_warps=num_warps, num_stages=num_stages)
     meta = compiled.metadata
     scratch = getattr(meta, "global_scratch_size", 0), getattr(meta, "profile_scratch_size", 0)
     if any(scratch):
@@ -137,6 +134,39 @@ def compile_decode_ptx(dtype: str, kv_lora_rank: int, rope_dim: int, scale: floa
         raise SharedMemoryTooLarge(f"the kernel needs {meta.shared} bytes of shared memory (limit {SHARED_LIMIT})")
     ptx = drop_hidden_params(compiled.asm["ptx"], meta.name, KERNEL_PARAMS)
     return AotKernel(meta.name, ptx, meta.shared, meta.num_warps, block_h)
+
+
+def compile_decode(dtype: str, kv_lora_rank: int, rope_dim: int, scale: float, arch: int = 90, *, block_h: int,
+                   block_n: int, num_warps: int, num_stages: int, split: bool = False):
+    """Triton's compiled decode kernel (PTX in .asm["ptx"], resources in .metadata) with a key mask:
+    single-pass (the plugin's) or split (fp32 partials and log-sum-exps, as the CUDA path launches it
+    when it splits the cache). Pointers and strides carry the alignment promises of aligned_args."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+    ptr = DTYPES[dtype]
+    fn = JITFunction(latent_attention_decode_kernel.fn)  # a real JIT function even under TRITON_INTERPRET
+    split_kind = "i32" if split else "constexpr"
+    signature = {
+        "q_latent_ptr": ptr, "q_rope_ptr": ptr, "kv_ptr": ptr, "mask_ptr": "*i8", "seq_lens_ptr": "constexpr",
+        **{name: "i32" for name in SCALAR_NAMES[:10]},
+        "stride_ob": "i32", "stride_oh": "i32", "stride_os": split_kind, "stride_lb": split_kind,
+        "stride_lh": split_kind, "out_ptr": "*fp32" if split else ptr, "lse_ptr": "*fp32" if split else "constexpr",
+        **{name: "constexpr" for name in ("SCALE_LOG2E", "D_C", "D_R", "BLOCK_H", "BLOCK_N", "HAS_MASK",
+                                         "HAS_LENS", "UPCAST")},
+    }
+    constexprs = {"seq_lens_ptr": None, "SCALE_LOG2E": float(scale) * LOG2E, "D_C": kv_lora_rank, "D_R": rope_dim,
+                  "BLOCK_H": block_h, "BLOCK_N": block_n, "HAS_MASK": True, "HAS_LENS": False,
+                  "UPCAST": dtype == "fp32"}
+    aligned = aligned_args(dtype, kv_lora_rank, rope_dim)
+    if split:  # partials [B, H, splits, d_c] in fp32 (rows of d_c values, like out); lse [B, H, splits]
+        aligned += ["lse_ptr"] + (["stride_os"] if "stride_oh" in aligned else [])
+    else:
+        constexprs.update(lse_ptr=None, stride_os=0, stride_lb=0, stride_lh=0)
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs,
+                                       attrs={(list(signature).index(name),): [["tt.divisibility", 16]]
+                                              for name in aligned})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True})
 
 
 def entry_params(ptx: str, name: str) -> list[str]:
