@@ -60,6 +60,11 @@ YARN = {
 }
 
 
+# The MoE sizes of the DeepSeek-style zoo configs (their layers are all dense: first_k_dense_replace /
+# mlp_layer_types keep the experts out of the traced graph)
+SMALL_MOE = dict(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32)
+
+
 def _transformers():
     return require("transformers", "hf", "Building HF zoo models")
 
@@ -99,12 +104,9 @@ def hf_config(name: str):
             base,
             num_hidden_layers=LAYERS,
             first_k_dense_replace=LAYERS,  # all layers dense
-            n_routed_experts=4,
-            n_shared_experts=1,
-            num_experts_per_tok=2,
+            **SMALL_MOE,
             n_group=1,
             topk_group=1,
-            moe_intermediate_size=32,
             rope_interleave=True,
             rope_parameters=_default_rope(),
         )
@@ -124,10 +126,7 @@ def hf_config(name: str):
             **base,
             num_hidden_layers=LAYERS,
             first_k_dense_replace=LAYERS,  # all layers dense (DeepseekV2MLP)
-            n_routed_experts=4,
-            n_shared_experts=1,
-            num_experts_per_tok=2,
-            moe_intermediate_size=32,
+            **SMALL_MOE,
             rope_parameters=_default_rope(),
         )
     elif name == "minicpm3":
@@ -144,10 +143,7 @@ def hf_config(name: str):
             **base,
             num_hidden_layers=LAYERS,
             mlp_layer_types=["dense"] * LAYERS,
-            n_routed_experts=4,
-            n_shared_experts=1,
-            num_experts_per_tok=2,
-            moe_intermediate_size=32,
+            **SMALL_MOE,
             rope_interleave=True,
             rope_parameters=_default_rope(),
         )
