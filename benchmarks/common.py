@@ -159,12 +159,14 @@ def fmt(v: Any) -> str:
     return f"{v:.2e}"
 
 
-def table(title: str, columns: Sequence[str], rows: Sequence[dict[str, Any]], note: str = "") -> str:
-    """A GitHub-markdown table (also readable as plain text) with the machine in its header."""
+def table(title: str, columns: Sequence[str], rows: Sequence[dict[str, Any]], note: str = "",
+          machine_text: str | None = None) -> str:
+    """A GitHub-markdown table (also readable as plain text) with the machine (default: machine_line()) in
+    its header."""
     cells = [[fmt(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
     line = lambda vals: "| " + " | ".join(v.rjust(w) for v, w in zip(vals, widths, strict=True)) + " |"  # noqa: E731
-    out = [f"### {title}", "", f"machine: {machine_line()}", ""]
+    out = [f"### {title}", "", f"machine: {machine_text or machine_line()}", ""]
     out += [line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells]
     if note:
         out += ["", note]

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import DEFAULT_OUT, fmt, write_csv
+from .common import DEFAULT_OUT, table, write_csv
 
 D_C, D_R, HEADS = 512, 64, 128
 SCALE = (128 + 64) ** -0.5  # DeepSeek-V3: 1/sqrt(qk_nope_head_dim + qk_rope_head_dim)
@@ -124,13 +124,6 @@ def summary(rows: list[dict], copy_bps: float) -> list[str]:
     return lines
 
 
-def table(rows: list[dict]) -> str:
-    cells = [[fmt(r.get(c)) for c in COLUMNS] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(COLUMNS)]
-    line = lambda vals: "| " + " | ".join(v.rjust(w) for v, w in zip(vals, widths, strict=True)) + " |"  # noqa: E731
-    return "\n".join([line(COLUMNS), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
-
-
 def machine_text() -> str:
     import triton
 
@@ -159,9 +152,9 @@ def main(argv=None) -> int:
                              copy_bps, cuda_timer)
         torch.cuda.empty_cache()
     command = "python -m benchmarks.kernel_gpu" + (" --quick" if a.quick else "")
-    text = "\n".join([f"### Triton decode kernel vs copy bandwidth and torch SDPA (`{command}`)", "",
-                      f"machine: {machine_text()}; copy bandwidth {copy_bps / 1e9:.0f} GB/s", "", table(rows), "",
-                      *summary(rows, copy_bps)]) + "\n"
+    text = table(f"Triton decode kernel vs copy bandwidth and torch SDPA (`{command}`)", COLUMNS, rows,
+                 "\n".join(summary(rows, copy_bps)),
+                 machine_text=f"{machine_text()}; copy bandwidth {copy_bps / 1e9:.0f} GB/s")
     print(text, flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     write_csv(a.out / "kernel_gpu.csv", rows)
