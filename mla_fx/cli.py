@@ -126,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _load_model(args):
+    from mla_fx.loading import load_model
+
+    loaded = load_model(args.model, config=args.config, trust_pickle=args.trust_pickle)
+    if loaded.note:
+        print(f"note: {loaded.note}")
+    return loaded
+
+
 def _print_sites(sites, mode: str | None = None) -> None:
     from mla_fx.cost import mode_costs
 
@@ -145,10 +154,9 @@ def _print_sites(sites, mode: str | None = None) -> None:
 
 def cmd_inspect(args) -> int:
     from mla_fx.errors import NoMLAError
-    from mla_fx.loading import load_model
     from mla_fx.passes.find_mla_sites import find_sites, no_mla_message
 
-    loaded = load_model(args.model, config=args.config, trust_pickle=args.trust_pickle)
+    loaded = _load_model(args)
     gm = loaded.capture()
     sites, rejected = find_sites(gm)
     if not sites:
@@ -197,12 +205,11 @@ def _check_absorb_outputs(args) -> None:
 def cmd_absorb(args) -> int:
     from mla_fx.absorb import AbsorbConfig
     from mla_fx.api import Progress, absorb_and_check, write_outputs
-    from mla_fx.loading import load_model
 
     _check_absorb_outputs(args)
     progress = Progress(args.quiet)
     progress(f"loading {args.model}")
-    loaded = load_model(args.model, config=args.config, trust_pickle=args.trust_pickle)
+    loaded = _load_model(args)
     config = AbsorbConfig(mode=args.mode)
     check = not args.no_check
     dtypes = _dtypes(args, loaded)  # bad names fail before the work
@@ -262,7 +269,7 @@ def cmd_check(args) -> int:
     if args.dump_graphs is not None:
         check_writable(args.dump_graphs, directory=True, what="the graphs")
     progress = Progress(args.quiet)
-    loaded = load_model(args.model, config=args.config, trust_pickle=args.trust_pickle)
+    loaded = _load_model(args)
     comparisons = []
     if args.trt is not None:
         from mla_fx.check_backends import check_backends
@@ -318,7 +325,6 @@ def cmd_export(args) -> int:
     from mla_fx.check_backends import check_backends
     from mla_fx.export.onnx import export_onnx
     from mla_fx.inference import build_programs
-    from mla_fx.loading import load_model
     from mla_fx.ort_backend import OnnxBackend
 
     if args.onnx == args.trt:
@@ -336,7 +342,7 @@ def cmd_export(args) -> int:
     check_writable(args.output, directory=True, what="the export")
     progress = Progress(args.quiet)
     progress(f"loading {args.model}")
-    loaded = load_model(args.model, config=args.config, trust_pickle=args.trust_pickle)
+    loaded = _load_model(args)
     dtype = getattr(torch, args.dtype or ("float16" if args.trt else "float32"))
     loaded = loaded.to(dtype)
     progress("building the step (absorbed) and prefill (un-absorbed) programs")

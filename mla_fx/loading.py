@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from mla_fx import transformers_loading
 from mla_fx.errors import LoadError, require
 from mla_fx.models.reference import MODEL_TYPE, MLAConfig, MLAForCausalLM
 from mla_fx.models.wrappers import CausalLMLogits
@@ -36,6 +37,7 @@ class LoadedModel:
     vocab_size: int
     max_seq: int = DEFAULT_MAX_SEQ
     hf_config: dict[str, Any] | None = None
+    note: str | None = None  # what was loaded, where it is not the whole model (a multimodal text decoder)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -93,14 +95,20 @@ def _from_config(config: dict[str, Any], name: str) -> LoadedModel:
                            cfg.max_position_embeddings)
     tf = require("transformers", "hf", "Loading a HF transformers model")
     try:
-        hf_cfg = tf.AutoConfig.for_model(**config)
-        hf_cfg._attn_implementation = "sdpa"
-        model = tf.AutoModelForCausalLM.from_config(hf_cfg)
+        model, choice = transformers_loading.from_config(tf.AutoConfig.for_model(**config))
+    except LoadError:
+        raise
     except Exception as e:
         raise LoadError(f"{name}: cannot build a causal LM from config "
                         f"(model_type={config.get('model_type')!r}): {e}") from e
-    return LoadedModel(name, "hf", CausalLMLogits(model).eval(), None, hf_cfg.vocab_size,
-                       getattr(hf_cfg, "max_position_embeddings", DEFAULT_MAX_SEQ), hf_cfg.to_dict())
+    return _hf_model(name, model, choice)
+
+
+def _hf_model(name: str, model: nn.Module, choice: transformers_loading.ModelChoice) -> LoadedModel:
+    cfg = model.config
+    return LoadedModel(name, "hf", CausalLMLogits(model).eval(), None, cfg.vocab_size,
+                       getattr(cfg, "max_position_embeddings", DEFAULT_MAX_SEQ), cfg.to_dict(),
+                       transformers_loading.text_decoder_note(choice))
 
 
 def _load_state(model: LoadedModel, state: dict[str, torch.Tensor], origin: str) -> LoadedModel:
@@ -123,12 +131,13 @@ def _load_directory(path: Path) -> LoadedModel:
         module = load_reference_dir(path)
         return LoadedModel(str(path), "reference", module, None, module.config.vocab_size,
                            module.config.max_position_embeddings)
-    tf = require("transformers", "hf", "Loading a HF transformers model directory")
+    require("transformers", "hf", "Loading a HF transformers model directory")
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise LoadError(f"{path} has a config.json but no weights (*.safetensors)")
     try:
-        model, info = tf.AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, attn_implementation="sdpa", dtype=torch.float32, output_loading_info=True)
+        model, choice, info = transformers_loading.from_pretrained(path)
+    except LoadError:
+        raise
     except Exception as e:
         raise LoadError(f"{path}: transformers cannot load this directory: {e}") from e
     problems = {what: sorted(info.get(key) or []) for what, key in
@@ -137,9 +146,7 @@ def _load_directory(path: Path) -> LoadedModel:
     if problems:
         listed = "; ".join(f"{len(k)} {what} (e.g. {', '.join(map(str, k[:3]))})" for what, k in problems.items())
         raise LoadError(f"{path}: the weights do not fit config.json: {listed}")
-    cfg = model.config
-    return LoadedModel(str(path), "hf", CausalLMLogits(model).eval(), None, cfg.vocab_size,
-                       getattr(cfg, "max_position_embeddings", DEFAULT_MAX_SEQ), cfg.to_dict())
+    return _hf_model(str(path), model, choice)
 
 
 def _load_file(path: Path, config: Path | None, trust_pickle: bool) -> LoadedModel:

@@ -1,0 +1,128 @@
+"""Building and loading HF transformers models the way mla-fx can capture and check them.
+
+- The class is the one config.json names (`architectures`); the auto mapping is only a fallback
+  (Mistral 4's config names a class that AutoModelForCausalLM does not map).
+- Attention goes through SDPA (the op the passes match); a model that refuses SDPA runs eager.
+- Experts run as `batched_mm`: the expert weights are gathered per (token, expert) pair and applied
+  by batched matmuls. It has no data-dependent shapes (torch.export captures it), runs in float64
+  (transformers' default `grouped_mm` rejects it) and exports to ONNX with standard ops (Gather,
+  MatMul); it needs no custom op, so an absorbed `.pt2` loads with `import mla_fx` alone.
+- A multimodal checkpoint whose text decoder is MLA is loaded as that text decoder alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mla_fx.errors import LoadError, require
+
+ATTENTION = ("sdpa", "eager")  # preference order
+EXPERTS = "batched_mm"
+
+
+def _transformers():
+    return require("transformers", "hf", "Loading a HF transformers model")
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which class builds the causal LM, and whether it is the text decoder of a multimodal model."""
+
+    cls: type
+    config: Any  # the (text) config the class is built from
+    multimodal_cls: type | None = None  # the multimodal class config.json names, when its text decoder is used
+
+
+def _is_causal_lm(cls: type) -> bool:
+    return "CausalLM" in cls.__name__
+
+
+def _text_causal_lm(tf, config) -> type | None:
+    try:
+        return tf.AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        return None
+
+
+def _auto_class(tf, config) -> type | None:
+    for auto in ("AutoModelForImageTextToText", "AutoModelForCausalLM"):
+        mapping = getattr(tf, auto, None)
+        if mapping is not None and type(config) in mapping._model_mapping:
+            return mapping._model_mapping[type(config)]
+    return None
+
+
+def choose_class(config) -> ModelChoice:
+    """The causal-LM class for `config`: what `architectures` names, else the auto mapping; for a
+    multimodal config, the causal LM of its text config."""
+    tf = _transformers()
+    named = [getattr(tf, a, None) for a in (getattr(config, "architectures", None) or [])]
+    for cls in named:
+        if cls is not None and _is_causal_lm(cls):
+            return ModelChoice(cls, config)
+    cls = _text_causal_lm(tf, config)
+    if cls is not None and _is_causal_lm(cls):
+        return ModelChoice(cls, config)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else None
+    if text is not None and text is not config:
+        cls = _text_causal_lm(tf, text)
+        if cls is not None:
+            outer = next((c for c in named if c is not None), None) or _auto_class(tf, config)
+            if outer is not None:
+                return ModelChoice(cls, text, multimodal_cls=outer)
+    raise LoadError(f"no causal-LM class for model_type {getattr(config, 'model_type', None)!r}: config.json "
+                    f"names {getattr(config, 'architectures', None)}, and transformers maps "
+                    f"{type(config).__name__} to no causal LM and has no MLA text decoder in it")
+
+
+def _with_attention(build, cls: type):
+    """Run `build(attn_implementation)` with SDPA, or eager where the class refuses SDPA."""
+    for impl in ATTENTION:
+        if impl == "sdpa" and not getattr(cls, "_supports_sdpa", False):
+            continue
+        return build(impl)
+    raise LoadError(f"{cls.__name__} supports none of the attention implementations {ATTENTION}")
+
+
+def from_config(config) -> tuple[nn.Module, ModelChoice]:
+    """A model with random weights from a transformers config."""
+    choice = choose_class(config)
+    model = _with_attention(lambda impl: choice.cls._from_config(
+        choice.config, attn_implementation=impl, experts_implementation=EXPERTS, dtype=torch.float32), choice.cls)
+    return model.eval(), choice
+
+
+def from_pretrained(path: Path) -> tuple[nn.Module, ModelChoice, dict[str, list[str]]]:
+    """A model directory's causal LM (or multimodal text decoder) and transformers' loading info."""
+    tf = _transformers()
+    config = tf.AutoConfig.from_pretrained(path, local_files_only=True)
+    choice = choose_class(config)
+    cls = choice.multimodal_cls or choice.cls
+    model, info = _with_attention(lambda impl: cls.from_pretrained(
+        path, local_files_only=True, attn_implementation=impl, experts_implementation=EXPERTS,
+        dtype=torch.float32, output_loading_info=True), cls)
+    if choice.multimodal_cls is not None:
+        model = _text_decoder(model, choice)
+    return model.eval(), choice, info
+
+
+def _text_decoder(multimodal: nn.Module, choice: ModelChoice) -> nn.Module:
+    """The causal LM of a multimodal model's text decoder, sharing its modules (no weight is copied)."""
+    with torch.device("meta"):
+        lm = choice.cls._from_config(choice.config, attn_implementation=multimodal.config._attn_implementation,
+                                     experts_implementation=EXPERTS)
+    lm.model = multimodal.get_decoder()
+    lm.lm_head = multimodal.get_output_embeddings()
+    return lm
+
+
+def text_decoder_note(choice: ModelChoice) -> str | None:
+    if choice.multimodal_cls is None:
+        return None
+    return (f"{choice.multimodal_cls.__name__} is multimodal: its MLA text decoder ({choice.cls.__name__}) is absorbed "
+            "and exported; the vision tower is left out")
