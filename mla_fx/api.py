@@ -16,6 +16,7 @@ from mla_fx.check import DTYPES, Comparison, compare_generation, compare_logits,
 from mla_fx.errors import CheckFailed, MLAFXError
 from mla_fx.loading import LoadedModel
 from mla_fx.passes.manager import PassResult
+from mla_fx.precision import in_dtype, true_float64
 
 EACH_PASS_INPUTS = ((2, 11),)
 
@@ -92,7 +93,7 @@ def _each_pass_checker(reference: Callable, dtype: torch.dtype, vocab: int, prog
     inputs = random_inputs(vocab, EACH_PASS_INPUTS)
 
     def after(name: str, result: PassResult) -> None:
-        (cmp,) = compare_logits(reference, result.gm, inputs, dtype)
+        (cmp,) = compare_logits(reference, in_dtype(result.gm, dtype), inputs, dtype)
         progress(f"  after {name}: {cmp.line()}")
         if not cmp.passed:
             raise CheckFailed(f"numerics break in pass {name}: {cmp.line()}")
@@ -111,8 +112,9 @@ def absorb_and_check(loaded: LoadedModel, config: AbsorbConfig, dtype: torch.dty
     dtype = model.dtype
     name = str(dtype).removeprefix("torch.")
     progress(f"capturing {loaded.name} ({name}) with torch.export")
-    gm = model.capture()
-    reference = model.reference()
+    with true_float64(dtype):
+        gm = model.capture()
+    reference = in_dtype(model.reference(), dtype)
     hooks: list[Callable[[str, PassResult], None]] = [lambda n, r: progress(f"pass {n}: {_brief(r.stats)}")]
     if dump_graphs is not None:
         dump_graphs.mkdir(parents=True, exist_ok=True)
@@ -125,10 +127,11 @@ def absorb_and_check(loaded: LoadedModel, config: AbsorbConfig, dtype: torch.dty
     run = Run(result, example=model.example())
     if check:
         progress(f"checking rewritten vs original ({name})")
-        run.comparisons += compare_logits(reference, result.gm, random_inputs(loaded.vocab_size), dtype)
+        rewritten = in_dtype(result.gm, dtype)
+        run.comparisons += compare_logits(reference, rewritten, random_inputs(loaded.vocab_size), dtype)
         if generate_tokens:
             for label, prompt in prompts(loaded):
-                run.comparisons.append(compare_generation(reference, result.gm, prompt, generate_tokens,
+                run.comparisons.append(compare_generation(reference, rewritten, prompt, generate_tokens,
                                                           f"{name} {label}"))
     return run
 

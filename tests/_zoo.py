@@ -9,6 +9,7 @@ import torch
 import mla_fx  # noqa: F401
 from mla_fx.models import REFERENCE_VARIANTS, build_zoo
 from mla_fx.passes.capture import capture
+from mla_fx.precision import true_float64
 
 HF_NAMES = ("deepseek_v3", "deepseek_v3_rotate_half", "deepseek_v3_yarn", "deepseek_v3_no_q_lora", "deepseek_v2",
             "minicpm3", "glm4_moe_lite", "longcat_flash")
@@ -37,7 +38,8 @@ ZOO_PARAMS = [pytest.param(n, marks=needs_hf(n)) for n in ZOO]
 def _zoo(name: str, dtype: torch.dtype):
     model = build_zoo(name, dtype=dtype)
     ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
-    return model, capture(model, (ids,), max_seq=128)
+    with true_float64(dtype):  # float64 models captured as float64 throughout (HF norms compute in float32)
+        return model, capture(model, (ids,), max_seq=128)
 
 
 def zoo_model(name: str, dtype: torch.dtype = torch.float32):
