@@ -1,9 +1,11 @@
 """Tiny, randomly initialised HF transformers MLA models (the zoo the passes are tested on).
 
-Every builder returns a :class:`~mla_fx.models.wrappers.CausalLMLogits` in eval mode with
-``attn_implementation="sdpa"``: hidden 64, 4 heads (= KV heads), vocab 128, dense MLPs,
-kv_lora_rank 32, q_lora_rank 48, qk_nope 16, qk_rope 8, v_head_dim 12 (v differs from nope
-on purpose). Weights are re-drawn with a large std so attention is far from uniform (HF's
+Every builder returns a :class:`~mla_fx.models.wrappers.CausalLMLogits` in eval mode, built as
+mla-fx loads a checkpoint (:mod:`mla_fx.transformers_loading`: SDPA attention, ``batched_mm``
+experts): hidden 64, 4 heads (= KV heads), vocab 128, kv_lora_rank 32, q_lora_rank 48, qk_nope 16,
+qk_rope 8, v_head_dim 12 (v differs from nope on purpose). As in the real models, the MoE models
+have a dense first layer and a mixture-of-experts second layer (4 routed experts, top 2, one shared
+expert). Weights are re-drawn with a large std so attention is far from uniform (HF's
 0.02 init makes softmax nearly flat and hides numerical bugs); norm weights stay near 1.
 
 transformers is imported lazily (optional extra ``mla-fx[hf]``).
@@ -60,9 +62,9 @@ YARN = {
 }
 
 
-# The MoE sizes of the DeepSeek-style zoo configs (their layers are all dense: first_k_dense_replace /
-# mlp_layer_types keep the experts out of the traced graph)
+# The MoE sizes of the DeepSeek-style zoo configs; layer 0 is dense, layer 1 a mixture of experts.
 SMALL_MOE = dict(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32)
+DENSE_LAYERS = 1
 
 
 def _transformers():
@@ -103,7 +105,7 @@ def hf_config(name: str):
         kw = dict(
             base,
             num_hidden_layers=LAYERS,
-            first_k_dense_replace=LAYERS,  # all layers dense
+            first_k_dense_replace=DENSE_LAYERS,
             **SMALL_MOE,
             n_group=1,
             topk_group=1,
@@ -125,7 +127,7 @@ def hf_config(name: str):
         cfg = tf.DeepseekV2Config(
             **base,
             num_hidden_layers=LAYERS,
-            first_k_dense_replace=LAYERS,  # all layers dense (DeepseekV2MLP)
+            first_k_dense_replace=DENSE_LAYERS,
             **SMALL_MOE,
             rope_parameters=_default_rope(),
         )
@@ -142,7 +144,7 @@ def hf_config(name: str):
         cfg = tf.Glm4MoeLiteConfig(
             **base,
             num_hidden_layers=LAYERS,
-            mlp_layer_types=["dense"] * LAYERS,
+            mlp_layer_types=["dense"] * DENSE_LAYERS + ["sparse"] * (LAYERS - DENSE_LAYERS),
             **SMALL_MOE,
             rope_interleave=True,
             rope_parameters=_default_rope(),
@@ -167,7 +169,6 @@ def hf_config(name: str):
         )
     else:
         raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(ZOO_NAMES)}")
-    cfg._attn_implementation = "sdpa"
     return cfg
 
 
@@ -184,34 +185,24 @@ def _randomise(model: nn.Module, seed: int) -> None:
                 p.copy_(WEIGHT_STD * noise)
 
 
-def _model_class(tf, name: str):
-    if name.startswith("deepseek_v3"):
-        return tf.DeepseekV3ForCausalLM
-    return {
-        "deepseek_v2": tf.DeepseekV2ForCausalLM,
-        "minicpm3": tf.MiniCPM3ForCausalLM,
-        "glm4_moe_lite": tf.Glm4MoeLiteForCausalLM,
-        "longcat_flash": tf.LongcatFlashForCausalLM,
-    }[name]
-
-
 def _finish(model: nn.Module, seed: int, dtype: torch.dtype) -> CausalLMLogits:
     _randomise(model, seed)
-    model = model.to(dtype).eval()
-    impl = model.config._attn_implementation
-    if impl != "sdpa":
-        raise RuntimeError(f"expected attn_implementation 'sdpa', got {impl!r}")
-    return CausalLMLogits(model).eval()
+    return CausalLMLogits(model.to(dtype).eval()).eval()
 
 
 def build(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> CausalLMLogits:
     """A tiny random HF MLA model ``name`` (one of ZOO_NAMES), wrapped as input_ids -> logits."""
-    tf = _transformers()
     if name not in ZOO_NAMES:
         raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(ZOO_NAMES)}")
-    cfg = hf_config(name)
+    return build_config(hf_config(name), seed, dtype)
+
+
+def build_config(cfg, seed: int = 0, dtype: torch.dtype = torch.float32) -> CausalLMLogits:
+    """A model from a transformers config, built as mla-fx loads one, with the zoo's random weights."""
+    from mla_fx.transformers_loading import from_config
+
     torch.manual_seed(seed)
-    model = _model_class(tf, name)(cfg)
+    model, _ = from_config(cfg)
     return _finish(model, seed, dtype)
 
 
@@ -228,6 +219,4 @@ def tiny_llama(*, seed: int = 0) -> CausalLMLogits:
         max_position_embeddings=MAX_POS,
         tie_word_embeddings=False,
     )
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    return _finish(tf.LlamaForCausalLM(cfg), seed, torch.float32)
+    return build_config(cfg, seed, torch.float32)
