@@ -104,7 +104,7 @@ def kernel_eligible(q_latent: Tensor, q_rope: Tensor, attn_mask: Tensor | None) 
                                           and attn_mask.dtype == torch.bool)
     return (q_latent.shape[2] == 1 and key_mask_only and q_latent.dtype in (torch.float16, torch.bfloat16,
                                                                                 torch.float32)
-            and d_c & (d_c - 1) == 0 and d_r & (d_r - 1) == 0 and d_c >= 16 and d_r >= 16)
+            and d_c & (d_c - 1) == 0 and d_r & (d_r - 1) == 0)
 
 
 def latent_attention_with_kernel(q_latent: Tensor, q_rope: Tensor, latent_kv: Tensor, attn_mask: Tensor | None,

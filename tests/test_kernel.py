@@ -33,11 +33,11 @@ D_C, D_R = 512, 64
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 
-def _case(batch, heads, cache_len, dtype, seed=0):
+def _case(batch, heads, cache_len, dtype, seed=0, d_c=D_C, d_r=D_R):
     g = torch.Generator().manual_seed(seed)
-    q_lat = torch.randn(batch, heads, 1, D_C, generator=g)
-    q_rope = torch.randn(batch, heads, 1, D_R, generator=g)
-    kv = torch.randn(batch, cache_len, D_C + D_R, generator=g)
+    q_lat = torch.randn(batch, heads, 1, d_c, generator=g)
+    q_rope = torch.randn(batch, heads, 1, d_r, generator=g)
+    kv = torch.randn(batch, cache_len, d_c + d_r, generator=g)
     return [t.to(dtype).to(DEVICE) for t in (q_lat, q_rope, kv)]
 
 
@@ -77,6 +77,17 @@ def test_rows_of_different_lengths_and_split_k(splits):
     # the same through a key mask (left padding), the form the exported graphs pass
     out_mask = latent_attention_decode(q_lat, q_rope, kv, 0.2, key_mask=mask, num_splits=splits)
     assert _rel(_reference(q_lat, q_rope, kv, mask, 0.2), out_mask) <= 1e-5
+
+
+@pytest.mark.parametrize("d_c,d_r", [(32, 8), (8, 4)])
+def test_parts_narrower_than_a_dot_are_padded(d_c, d_r):
+    """tl.dot takes at least 16 columns: narrower parts (the zoo's d_r 8) are padded with masked columns."""
+    q_lat, q_rope, kv = _case(2, 5, 70, torch.float32, seed=4, d_c=d_c, d_r=d_r)
+    mask = torch.ones(2, 1, 1, 70, dtype=torch.bool, device=DEVICE)
+    mask[0, ..., :9] = False
+    out = latent_attention_decode(q_lat, q_rope, kv, 0.3, key_mask=mask, num_splits=2)
+    assert out.shape == q_lat.shape
+    assert _rel(_reference(q_lat, q_rope, kv, mask, 0.3), out) <= 1e-5
 
 
 def test_left_padding_mask():

@@ -17,7 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction
 
-from .latent_attention import LOG2E, latent_attention_decode_kernel
+from .latent_attention import LOG2E, latent_attention_decode_kernel, padded_width
 
 DTYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 KERNEL_PARAMS = 4 + 12 + 1  # what TensorRT passes: input pointers, int32 scalars, the output pointer
@@ -27,6 +27,11 @@ HOPPER_SHARED_LIMIT = 227 * 1024  # the most shared memory one block can opt int
 # (block_h, block_n, num_stages), fastest first: 16-row tiles in 2 stages fit 48 KB in fp16/bf16 at d_c 512,
 # fp32 needs 8 x 8 tiles
 PLUGIN_CONFIGS = ((16, 16, 2), (16, 16, 1), (8, 8, 2), (8, 8, 1))
+# The first PTX ISA version that has each target (sm_90a and the other arch-specific targets Triton
+# compiles for), as PTX ISA version x 10. A driver JIT-compiles PTX up to its own CUDA version's ISA
+# (CUDA 12.0: 8.0, 12.8: 8.7, 13.0: 9.0) and rejects newer PTX (CUDA_ERROR_UNSUPPORTED_PTX_VERSION), so
+# the plugin's PTX is stamped with this floor by default: every driver that can run the target runs it.
+MIN_PTX_VERSION = {80: 70, 86: 71, 87: 74, 89: 78, 90: 80, 100: 86, 101: 86, 103: 88, 110: 90, 120: 87, 121: 88}
 
 
 @dataclass(frozen=True)
@@ -102,12 +107,57 @@ def aligned_args(dtype: str, kv_lora_rank: int, rope_dim: int) -> list[str]:
     return pointers + scalars
 
 
-def compile_for_plugin(dtype: str, kv_lora_rank: int, rope_dim: int, scale: float, arch: int = 90) -> AotKernel:
-    """The fastest of PLUGIN_CONFIGS whose shared memory fits a plugin launch."""
+def default_ptx_version(arch: int) -> int:
+    """The oldest PTX ISA that has the target: the PTX every driver that runs the GPU accepts."""
+    if arch not in MIN_PTX_VERSION:
+        raise ValueError(f"no known PTX ISA floor for sm_{arch}; give the PTX version (e.g. --ptx-version 9.0)")
+    return MIN_PTX_VERSION[arch]
+
+
+def newest_ptx_version(arch: int = 90) -> int:
+    """The newest PTX ISA that Triton's bundled ptxas (hence this compiler) writes."""
+    from triton.backends.nvidia.compiler import get_ptxas, ptx_get_version
+
+    return ptx_get_version(get_ptxas(arch).version)
+
+
+def parse_ptx_version(text: str) -> int:
+    """'8.0' -> 80 (the PTX ISA version as written in .version lines)."""
+    match = re.fullmatch(r"(\d+)\.(\d)", text.strip())
+    if match is None:
+        raise ValueError(f"a PTX ISA version looks like 8.0 or 9.4, not {text!r}")
+    return 10 * int(match.group(1)) + int(match.group(2))
+
+
+def check_ptx_version(ptx_version: int, arch: int) -> int:
+    """ptx_version if sm_{arch} has it and this compiler can write it, else ValueError saying which bound."""
+    floor, newest = MIN_PTX_VERSION.get(arch), newest_ptx_version(arch)
+    if floor is not None and ptx_version < floor:
+        raise ValueError(f"PTX {ptx_version // 10}.{ptx_version % 10} predates sm_{arch} (it needs PTX "
+                         f"{floor // 10}.{floor % 10} or later)")
+    if ptx_version > newest:
+        raise ValueError(f"PTX {ptx_version // 10}.{ptx_version % 10} is newer than Triton's ptxas writes "
+                         f"({newest // 10}.{newest % 10})")
+    return ptx_version
+
+
+def ptx_version_of(ptx: str) -> int:
+    """The .version a PTX module declares, as version x 10."""
+    match = re.search(r"^\s*\.version (\d+)\.(\d)\s*$", ptx, re.M)
+    if match is None:
+        raise RuntimeError("the PTX declares no .version")
+    return 10 * int(match.group(1)) + int(match.group(2))
+
+
+def compile_for_plugin(dtype: str, kv_lora_rank: int, rope_dim: int, scale: float, arch: int = 90,
+                       ptx_version: int | None = None) -> AotKernel:
+    """The fastest of PLUGIN_CONFIGS whose shared memory fits a plugin launch, as PTX of `ptx_version`
+    (default: the oldest PTX that has the target, which every driver for the GPU accepts)."""
+    ptx_version = check_ptx_version(default_ptx_version(arch) if ptx_version is None else ptx_version, arch)
     for block_h, block_n, num_stages in PLUGIN_CONFIGS:
         try:
             return compile_decode_ptx(dtype, kv_lora_rank, rope_dim, scale, arch, block_h=block_h, block_n=block_n,
-                                      num_stages=num_stages)
+                                      num_stages=num_stages, ptx_version=ptx_version)
         except SharedMemoryTooLarge as e:
             error = e
     raise error
@@ -118,14 +168,15 @@ class SharedMemoryTooLarge(RuntimeError):
 
 
 def compile_decode_ptx(dtype: str, kv_lora_rank: int, rope_dim: int, scale: float, arch: int = 90,
-                       block_h: int = 16, block_n: int = 16, num_warps: int = 4, num_stages: int = 2) -> AotKernel:
+                       block_h: int = 16, block_n: int = 16, num_warps: int = 4, num_stages: int = 2,
+                       ptx_version: int | None = None) -> AotKernel:
     """PTX of the single-pass kernel for the plugin; block_n 16 with 2 stages keeps shared memory at 37 KB
     for d_c 512, d_r 64.
 
     Run it in a process without TRITON_INTERPRET=1: the interpreter patches triton.language globally.
     """
     compiled = compile_decode(dtype, kv_lora_rank, rope_dim, scale, arch, block_h=block_h, block_n=block_n,
-                              num_warps=num_warps, num_stages=num_stages)
+                              num_warps=num_warps, num_stages=num_stages, ptx_version=ptx_version)
     meta = compiled.metadata
     scratch = getattr(meta, "global_scratch_size", 0), getattr(meta, "profile_scratch_size", 0)
     if any(scratch):
@@ -137,10 +188,12 @@ def compile_decode_ptx(dtype: str, kv_lora_rank: int, rope_dim: int, scale: floa
 
 
 def compile_decode(dtype: str, kv_lora_rank: int, rope_dim: int, scale: float, arch: int = 90, *, block_h: int,
-                   block_n: int, num_warps: int, num_stages: int, split: bool = False):
+                   block_n: int, num_warps: int, num_stages: int, split: bool = False, ptx_version: int | None = None):
     """Triton's compiled decode kernel (PTX in .asm["ptx"], resources in .metadata) with a key mask:
     single-pass (the plugin's) or split (fp32 partials and log-sum-exps, as the CUDA path launches it
-    when it splits the cache). Pointers and strides carry the alignment promises of aligned_args."""
+    when it splits the cache). Pointers and strides carry the alignment promises of aligned_args.
+    ptx_version None: Triton's default, the newest its ptxas writes (right for the JIT path, whose driver
+    is the one running)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
     ptr = DTYPES[dtype]
@@ -151,10 +204,11 @@ def compile_decode(dtype: str, kv_lora_rank: int, rope_dim: int, scale: float, a
         **{name: "i32" for name in SCALAR_NAMES[:10]},
         "stride_ob": "i32", "stride_oh": "i32", "stride_os": split_kind, "stride_lb": split_kind,
         "stride_lh": split_kind, "out_ptr": "*fp32" if split else ptr, "lse_ptr": "*fp32" if split else "constexpr",
-        **{name: "constexpr" for name in ("SCALE_LOG2E", "D_C", "D_R", "BLOCK_H", "BLOCK_N", "HAS_MASK",
+        **{name: "constexpr" for name in ("SCALE_LOG2E", "D_C", "D_R", "P_C", "P_R", "BLOCK_H", "BLOCK_N", "HAS_MASK",
                                          "HAS_LENS", "UPCAST")},
     }
     constexprs = {"seq_lens_ptr": None, "SCALE_LOG2E": float(scale) * LOG2E, "D_C": kv_lora_rank, "D_R": rope_dim,
+                  "P_C": padded_width(kv_lora_rank), "P_R": padded_width(rope_dim),
                   "BLOCK_H": block_h, "BLOCK_N": block_n, "HAS_MASK": True, "HAS_LENS": False,
                   "UPCAST": dtype == "fp32"}
     aligned = aligned_args(dtype, kv_lora_rank, rope_dim)
@@ -165,8 +219,10 @@ def compile_decode(dtype: str, kv_lora_rank: int, rope_dim: int, scale: float, a
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs,
                                        attrs={(list(signature).index(name),): [["tt.divisibility", 16]]
                                               for name in aligned})
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True})
+    options = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True}
+    if ptx_version is not None:
+        options["ptx_version"] = ptx_version
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def entry_params(ptx: str, name: str) -> list[str]:

@@ -29,22 +29,27 @@ def latent_attention_decode_kernel(
     n_heads, cache_len, tokens_per_split,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     out_ptr, lse_ptr,
-    SCALE_LOG2E: tl.constexpr, D_C: tl.constexpr, D_R: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENS: tl.constexpr, UPCAST: tl.constexpr,
+    SCALE_LOG2E: tl.constexpr, D_C: tl.constexpr, D_R: tl.constexpr, P_C: tl.constexpr, P_R: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENS: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
+    # P_C, P_R: the parts' widths padded to what tl.dot takes (a power of two, at least 16); the padding
+    # columns are masked off on load (zeros) and on store, and cost no memory traffic
     # head blocks vary fastest in launch order: the programs that read the same cache rows run together,
     # so the rows come from HBM once and from L2 for the other head blocks
     heads = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     split = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     live = heads < n_heads
-    offs_c = tl.arange(0, D_C)
-    offs_r = tl.arange(0, D_R)
+    offs_c = tl.arange(0, P_C)
+    offs_r = tl.arange(0, P_R)
+    cols_c = offs_c < D_C  # all true where a part is not padded (the compiler folds it)
+    cols_r = offs_r < D_R
 
     q_lat = tl.load(q_latent_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_c[None, :],
-                    mask=live[:, None], other=0.0)
+                    mask=live[:, None] & cols_c[None, :], other=0.0)
     q_rope = tl.load(q_rope_ptr + b * stride_rb + heads[:, None] * stride_rh + offs_r[None, :],
-                     mask=live[:, None], other=0.0)
+                     mask=live[:, None] & cols_r[None, :], other=0.0)
     if UPCAST:  # the interpreter computes low-precision dots wrongly; it runs in float32
         q_lat = q_lat.to(tl.float32)
         q_rope = q_rope.to(tl.float32)
@@ -57,13 +62,15 @@ def latent_attention_decode_kernel(
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, D_C], tl.float32)
+    acc = tl.zeros([BLOCK_H, P_C], tl.float32)
     row = kv_ptr + b * stride_kvb
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         valid = offs_n < end
-        c = tl.load(row + offs_n[:, None] * stride_kvt + offs_c[None, :], mask=valid[:, None], other=0.0)
-        r = tl.load(row + offs_n[:, None] * stride_kvt + D_C + offs_r[None, :], mask=valid[:, None], other=0.0)
+        c = tl.load(row + offs_n[:, None] * stride_kvt + offs_c[None, :], mask=valid[:, None] & cols_c[None, :],
+                    other=0.0)
+        r = tl.load(row + offs_n[:, None] * stride_kvt + D_C + offs_r[None, :],
+                    mask=valid[:, None] & cols_r[None, :], other=0.0)
         if UPCAST:
             c = c.to(tl.float32)
             r = r.to(tl.float32)
@@ -82,10 +89,15 @@ def latent_attention_decode_kernel(
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_c[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=live[:, None])
+             out.to(out_ptr.dtype.element_ty), mask=live[:, None] & cols_c[None, :])
     if lse_ptr is not None:
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=live)
+
+
+def padded_width(d: int) -> int:
+    """A part's width as the kernel computes it: a power of two, at least 16 (the least tl.dot takes)."""
+    return max(16, triton.next_power_of_2(d))
 
 
 @triton.jit
@@ -147,7 +159,8 @@ def latent_attention_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, latent
             if key_mask.dtype == torch.bool else key_mask.reshape(batch, -1).to(torch.int8).contiguous()
     if seq_lens is not None:
         seq_lens = seq_lens.to(torch.int32).contiguous()
-    common = dict(SCALE_LOG2E=scale * LOG2E, D_C=d_c, D_R=d_r, BLOCK_H=block_h, BLOCK_N=block_n,
+    common = dict(SCALE_LOG2E=scale * LOG2E, D_C=d_c, D_R=d_r, P_C=padded_width(d_c), P_R=padded_width(d_r),
+                  BLOCK_H=block_h, BLOCK_N=block_n,
                   HAS_MASK=key_mask is not None, HAS_LENS=seq_lens is not None,
                   UPCAST=INTERPRET or q_latent.dtype == torch.float32, num_warps=num_warps)
     args = (q_latent, q_rope, latent_kv, key_mask, seq_lens,
