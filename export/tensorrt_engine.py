@@ -16,8 +16,9 @@ from typing import Any
 from mla_fx.errors import MLAFXError
 from mla_fx.outputs import atomic_directory
 
+from . import tensorrt_plugin
 from .onnx import read_export_manifest
-from .tensorrt_plugin import TRT_MESSAGE, register_plugin, require_tensorrt
+from .tensorrt_plugin import TRT_MESSAGE, register_plugin, require_aot_compiler, require_tensorrt
 
 MANIFEST = "mla_fx_tensorrt.json"
 FORMAT = "mla-fx-tensorrt/1"
@@ -97,15 +98,28 @@ def _build(trt, logger, path: Path, profile_shapes: dict, implementation: str, w
 
 def build_engines(onnx_dir: Path, out_dir: Path, *, max_batch: int, max_new_tokens: int, max_cache: int,
                   dtype: str | None = None, implementation: str = "aot", workspace_bytes: int | None = None,
-                  progress=None, verbose: bool = False, verify=None) -> dict[str, Any]:
+                  ptx_version: int | None = None, progress=None, verbose: bool = False,
+                  verify=None) -> dict[str, Any]:
     """Build and write step.engine, prefill.engine and the manifest into `out_dir`, all or nothing.
 
+    `ptx_version` (e.g. 80 for PTX 8.0): what the AOT kernel's PTX declares; the driver that runs the
+    engines must support it. None: the oldest PTX the GPU has, which every driver for it accepts.
     `verify(folder)` runs on the finished folder before it replaces `out_dir`; if it raises, nothing is
     written and an earlier folder at `out_dir` stays."""
     trt = require_tensorrt()
     require_cuda()
     if implementation not in IMPLEMENTATIONS:
         raise MLAFXError(f"implementation must be one of {sorted(IMPLEMENTATIONS)}, not {implementation!r}")
+    if implementation == "aot":
+        require_aot_compiler()
+        from mla_fx.kernels.aot import check_ptx_version, default_ptx_version
+
+        arch = tensorrt_plugin.device_arch()
+        try:
+            ptx_version = check_ptx_version(default_ptx_version(arch) if ptx_version is None else ptx_version, arch)
+        except ValueError as e:
+            raise MLAFXError(str(e)) from None
+        tensorrt_plugin.kernel_options["ptx_version"] = ptx_version
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     source = read_export_manifest(onnx_dir)
     if dtype is not None and dtype != source["dtype"]:
@@ -132,6 +146,7 @@ def build_engines(onnx_dir: Path, out_dir: Path, *, max_batch: int, max_new_toke
             "limits": {"max_batch": max_batch, "max_new_tokens": max_new_tokens, "max_cache": max_cache,
                        "step_new_tokens": STEP_NEW_TOKENS},
             "tensorrt": trt.__version__, "device": torch.cuda.get_device_name(),
+            "ptx_version": f"{ptx_version // 10}.{ptx_version % 10}" if implementation == "aot" else None,
             "compute_capability": list(torch.cuda.get_device_capability()), "programs": programs,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

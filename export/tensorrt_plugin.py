@@ -3,7 +3,7 @@
 - `latent_attention_desc`: the registration; its parameters after the four tensors are the plugin's
   attributes, which must equal the ONNX node's (export/latent_attention_onnx.py ATTRIBUTES);
 - `latent_attention_aot`: the ahead-of-time implementation, the Triton decode kernel as PTX, so the
-  engine runs without Python (TensorRT >= 10.9);
+  engine runs without Python;
 - `latent_attention_impl`: a just-in-time implementation for debugging (runs Python at inference);
 - `register_plugin()` applies TensorRT's decorators once.
 
@@ -17,6 +17,14 @@ import os
 from mla_fx.errors import MissingDependency, MLAFXError
 
 TRT_MESSAGE = "TensorRT engines need the tensorrt package (pip install 'mla-fx[tensorrt]') and an NVIDIA GPU"
+# The oldest TensorRT whose ONNX parser takes both programs: the prefill program keeps SDPA, exported as
+# ONNX Attention (opset 23), which the parser imports from 10.14 on. The step program's
+# mla_fx::LatentAttention nodes carry a local function: the 10.1 parser imports such a node as its
+# function (standard ops, Attention again) even with the plugin registered; later parsers prefer a
+# registered plugin, the newest when the node has a plugin_namespace attribute, as ours do.
+TENSORRT_FLOOR = (10, 14)
+FLOOR_REASON = ("the prefill program's ONNX Attention nodes (opset 23) parse from TensorRT 10.14 on, and the "
+                "parser must prefer the registered mla_fx plugin over the node's local function")
 
 try:
     import tensorrt as trt
@@ -45,11 +53,36 @@ _TORCH_VIEWS = {"FLOAT": ("float32", "<f4"), "HALF": ("float16", "<f2"), "BF16":
 _registered = False
 
 
+def version_tuple(version: str) -> tuple[int, ...]:
+    """'10.14.1.48' -> (10, 14, 1, 48); the leading numeric parts only."""
+    parts = []
+    for part in version.split("."):
+        digits = "".join(ch for ch in part if ch.isdigit()) if part[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
 def require_tensorrt():
-    """The tensorrt module, or MissingDependency with the install hint."""
+    """The tensorrt module at TENSORRT_FLOOR or newer, or MissingDependency saying what to install."""
     if trt is None or trtp is None:
         raise MissingDependency(TRT_MESSAGE)
+    found = getattr(trt, "__version__", "unknown")
+    if version_tuple(found)[:2] < TENSORRT_FLOOR:
+        floor = ".".join(map(str, TENSORRT_FLOOR))
+        raise MissingDependency(f"TensorRT {found} is too old: mla-fx needs TensorRT >= {floor} ({FLOOR_REASON}); "
+                                "pip install -U 'mla-fx[tensorrt]'")
     return trt
+
+
+def require_aot_compiler() -> None:
+    """The ahead-of-time plugin compiles its kernel with Triton at engine build time."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise MissingDependency("the ahead-of-time TensorRT plugin compiles its kernel with Triton: "
+                                "pip install 'mla-fx[tensorrt]' (or use --plugin jit)") from None
 
 
 def latent_attention_desc(q_latent: TensorDesc, q_rope: TensorDesc, latent_kv: TensorDesc, attn_mask: TensorDesc,
@@ -69,7 +102,7 @@ def latent_attention_autotune(q_latent: TensorDesc, q_rope: TensorDesc, latent_k
     return [trtp.AutoTuneCombination(AUTOTUNE_TYPES)]
 
 
-def _device_arch() -> int:
+def device_arch() -> int:
     """Compute capability of the GPU the engine is built on, as Triton's target wants it (90 for sm_90)."""
     try:
         import torch
@@ -82,14 +115,20 @@ def _device_arch() -> int:
     return 90
 
 
+# The PTX ISA version the engines' kernels declare (None: the oldest the GPU has, see kernels/aot.py);
+# build_engines sets it before TensorRT calls the plugin.
+kernel_options = {"ptx_version": None}
+
+
 @functools.cache
-def compile_kernel(dtype: str, kv_lora_rank: int, rope_dim: int, scale: float, arch: int):
+def compile_kernel(dtype: str, kv_lora_rank: int, rope_dim: int, scale: float, arch: int,
+                   ptx_version: int | None = None):
     """PTX of the single-pass decode kernel, in the fastest tiling whose shared memory fits 48 KB."""
     from mla_fx.kernels.aot import compile_for_plugin
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise MLAFXError("the plugin's kernel is compiled to PTX by Triton's compiler: unset TRITON_INTERPRET")
-    return compile_for_plugin(dtype, kv_lora_rank, rope_dim, scale, arch)
+    return compile_for_plugin(dtype, kv_lora_rank, rope_dim, scale, arch, ptx_version)
 
 
 def latent_attention_aot(q_latent: TensorDesc, q_rope: TensorDesc, latent_kv: TensorDesc, attn_mask: TensorDesc,
@@ -103,7 +142,7 @@ def latent_attention_aot(q_latent: TensorDesc, q_rope: TensorDesc, latent_kv: Te
     from mla_fx.kernels.aot import decode_grid, decode_scalar_args
 
     kernel = compile_kernel(KERNEL_DTYPES[q_latent.dtype.name], int(kv_lora_rank), int(rope_dim), float(scale),
-                            _device_arch())
+                            device_arch(), kernel_options["ptx_version"])
     batch, heads = q_latent.shape_expr[0], q_latent.shape_expr[1]
     cache_len = latent_kv.shape_expr[1]
     launch = trtp.KernelLaunchParams()
@@ -147,9 +186,6 @@ def register_plugin() -> None:
     if _registered:
         return
     require_tensorrt()
-    if not hasattr(trtp, "aot_impl"):
-        raise MissingDependency(f"TensorRT {trt.__version__} has no tensorrt.plugin.aot_impl; the mla_fx plugin "
-                                "needs TensorRT >= 10.9 (pip install -U 'mla-fx[tensorrt]')")
     namespace, name = PLUGIN_NAME.split("::")
     if not (hasattr(trtp.op, namespace) and hasattr(getattr(trtp.op, namespace), name)):
         trtp.register(PLUGIN_NAME)(latent_attention_desc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -36,6 +37,14 @@ def _non_negative_float(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {text}")
     return value
+
+
+def _ptx_version(text: str) -> int:
+    """argparse type: a PTX ISA version such as 8.0, as 80 (bounds are checked against the GPU later)."""
+    match = re.fullmatch(r"(\d+)\.(\d)", text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"a PTX ISA version looks like 8.0 or 9.4, not {text!r}")
+    return 10 * int(match.group(1)) + int(match.group(2))
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -100,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cache", type=_count(1), default=4096, help="TensorRT profile: longest cache")
     p.add_argument("--plugin", choices=["aot", "jit"], default="aot",
                    help="TensorRT plugin implementation: aot (PTX in the engine, no Python) or jit (debugging)")
+    p.add_argument("--ptx-version", type=_ptx_version, default=None, metavar="X.Y",
+                   help="PTX ISA version of the aot plugin's kernel; the driver running the engines must support "
+                        "it (default: the oldest the GPU has, 8.0 on Hopper, which every driver for it accepts)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory")
     p.add_argument("--mode", choices=["auto", "reassociate", "fold"], default="auto", help="absorption mode")
     p.add_argument("--attention", choices=["custom", "standard"], default="custom",
@@ -269,6 +281,14 @@ def cmd_check(args) -> int:
     if args.dump_graphs is not None:
         check_writable(args.dump_graphs, directory=True, what="the graphs")
     progress = Progress(args.quiet)
+    if args.trt is not None:  # before the model loads: say what is missing, or what the folder is not
+        from mla_fx.export.tensorrt_engine import require_cuda
+        from mla_fx.export.tensorrt_plugin import require_tensorrt
+        from mla_fx.trt_backend import read_engine_manifest
+
+        require_tensorrt()
+        require_cuda()
+        read_engine_manifest(args.trt)
     loaded = _load_model(args)
     comparisons = []
     if args.trt is not None:
@@ -335,6 +355,18 @@ def cmd_export(args) -> int:
 
         require_tensorrt()  # before any work: say what is missing
         require_cuda()
+        if args.plugin == "aot":
+            from mla_fx.export.tensorrt_plugin import device_arch, require_aot_compiler
+            from mla_fx.kernels.aot import check_ptx_version
+
+            require_aot_compiler()
+            if args.ptx_version is not None:
+                try:
+                    check_ptx_version(args.ptx_version, device_arch())
+                except ValueError as e:
+                    raise MLAFXError(f"--ptx-version: {e}") from None
+        elif args.ptx_version is not None:
+            raise MLAFXError("--ptx-version applies to the aot plugin (the jit plugin compiles on the GPU it runs on)")
     if args.opset < 23:
         raise MLAFXError(f"--opset {args.opset}: the exported attention needs opset 23 or later")
     from mla_fx.outputs import check_writable
@@ -394,7 +426,8 @@ def _export_trt(args, loaded, programs, tokenizer, progress) -> int:
         export_onnx(programs, onnx_dir, attention="custom", opset=args.opset, model_name=loaded.name,
                     tokenizer=tokenizer, progress=progress)
         build_engines(onnx_dir, args.output, max_batch=args.max_batch, max_new_tokens=args.max_new_tokens,
-                      max_cache=args.max_cache, implementation=args.plugin, progress=progress,
+                      max_cache=args.max_cache, implementation=args.plugin, ptx_version=args.ptx_version,
+                      progress=progress,
                       verify=None if args.no_check else verify)
     print(f"{loaded.name}: wrote TensorRT engines to {args.output}/{{step,prefill}}.engine")
     return 0

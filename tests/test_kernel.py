@@ -21,10 +21,14 @@ from mla_fx.kernels.aot import (  # noqa: E402
     AotKernel,
     aligned_args,
     assemble,
+    check_ptx_version,
     decode_grid,
     decode_scalar_args,
+    default_ptx_version,
     drop_hidden_params,
     entry_params,
+    newest_ptx_version,
+    ptx_version_of,
 )
 from mla_fx.kernels.latent_attention import latent_attention_decode  # noqa: E402
 
@@ -123,6 +127,8 @@ def test_aot_compiles_to_ptx_for_sm90_without_a_gpu(dtype):
     assert kernel.name == "latent_attention_decode_kernel"
     assert re.search(rf"\.visible \.entry {kernel.name}\(", kernel.ptx)
     assert ".target sm_90" in kernel.ptx
+    # the oldest PTX ISA with sm_90a, not the 9.4 of Triton's bundled ptxas that drivers before CUDA 13.4 reject
+    assert ptx_version_of(kernel.ptx) == 80
     assert 0 < kernel.shared_bytes < SHARED_LIMIT and kernel.num_warps == 4
     # exactly what TensorRT passes: 4 input pointers, the 12 int32 scalars, the output pointer (Triton's
     # hidden scratch pointers removed)
@@ -135,6 +141,18 @@ def test_aot_compiles_to_ptx_for_sm90_without_a_gpu(dtype):
     report = assemble(kernel.ptx, 90)
     assert report["spill_stores"] == report["spill_loads"] == 0 and report["registers"] <= 255
     assert "cp.async.cg.shared.global" in kernel.ptx
+
+
+def test_ptx_version_bounds():
+    """A PTX version the target does not have, or that Triton's ptxas cannot write, is refused by name."""
+    assert default_ptx_version(90) == 80 and default_ptx_version(100) == 86
+    assert check_ptx_version(84, 90) == 84 and check_ptx_version(newest_ptx_version(90), 90) >= 90
+    with pytest.raises(ValueError, match=r"PTX 7\.8 predates sm_90 \(it needs PTX 8\.0 or later\)"):
+        check_ptx_version(78, 90)
+    with pytest.raises(ValueError, match="newer than Triton's ptxas writes"):
+        check_ptx_version(newest_ptx_version(90) + 1, 90)
+    with pytest.raises(ValueError, match="no known PTX ISA floor for sm_75"):
+        default_ptx_version(75)
 
 
 def test_cuda_path_kernels_compile_for_hopper_without_spills():

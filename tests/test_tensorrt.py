@@ -28,14 +28,6 @@ def _have_tensorrt_gpu() -> bool:
 needs_trt = pytest.mark.skipif(not _have_tensorrt_gpu(), reason="needs the tensorrt package and a CUDA device")
 
 
-@pytest.fixture(scope="module")
-def programs():
-    from mla_fx.inference import build_programs
-    from mla_fx.loading import load_model
-
-    return build_programs(load_model("zoo:reference"))
-
-
 @pytest.fixture()
 def no_tensorrt(monkeypatch):
     monkeypatch.setattr(plugin, "trt", None)
@@ -73,7 +65,9 @@ def test_plugin_signatures_follow_tensorrt_schema():
     names = lambda f: list(inspect.signature(f).parameters)  # noqa: E731
     assert names(plugin.latent_attention_aot) == tensors + attrs + ["outputs", "tactic"]
     impl = names(plugin.latent_attention_impl)
-    assert impl[:4] == tensors and impl[-2:] == ["outputs", "stream"] and set(impl[4:-2]) <= set(attrs)
+    assert impl[:4] == tensors and impl[-2:] == ["outputs", "stream"]
+    # a subset of the attributes, in registration order (tensorrt.plugin compares the signature as a sequence)
+    assert impl[4:-2] and impl[4:-2] == [a for a in attrs if a in impl[4:-2]]
     assert names(plugin.latent_attention_autotune) == tensors + ["outputs"]
 
 
@@ -102,6 +96,33 @@ def test_autotune_types_cover_io():
 def test_register_plugin_without_tensorrt(no_tensorrt):
     with pytest.raises(MissingDependency, match=r"pip install 'mla-fx\[tensorrt\]'.*NVIDIA GPU"):
         plugin.register_plugin()
+
+
+@pytest.mark.parametrize("version,accepted", [("10.13.3.9", False), ("10.9.0", False), ("9.2", False),
+                                              ("10.14.1.48", True), ("11.4.0.106", True), ("10.14.0rc1", True)])
+def test_tensorrt_version_floor(monkeypatch, version, accepted):
+    """10.14: the first parser that imports ONNX Attention (the prefill program); older ones are refused
+    with the reason, before any work."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(plugin, "trt", SimpleNamespace(__version__=version))
+    monkeypatch.setattr(plugin, "trtp", SimpleNamespace())
+    if accepted:
+        assert plugin.require_tensorrt().__version__ == version
+    else:
+        with pytest.raises(MissingDependency, match=rf"TensorRT {version} is too old: mla-fx needs TensorRT >= 10.14 "
+                                                    r"\(the prefill program's ONNX Attention"):
+            plugin.require_tensorrt()
+
+
+def test_version_floor_is_the_package_metadata():
+    import re
+    from pathlib import Path
+
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    extra = re.search(r"^tensorrt = \[(.*)\]$", pyproject, re.M).group(1)
+    floor = ".".join(map(str, plugin.TENSORRT_FLOOR))
+    assert f'"tensorrt>={floor}"' in extra and '"triton' in extra
 
 
 def test_build_engines_without_tensorrt(no_tensorrt, tmp_path):
@@ -223,4 +244,18 @@ def test_cli_says_what_is_missing_and_writes_nothing(tmp_path, capsys):
     assert "need the tensorrt package" in capsys.readouterr().err and not out.exists()
     assert cli.main(["check", "zoo:reference", "--trt", str(out), "-q"]) == 1
     assert "need the tensorrt package" in capsys.readouterr().err
+    # said before the model loads: a model that does not exist is never looked at
+    assert cli.main(["check", str(tmp_path / "no-such-model"), "--trt", str(out), "-q"]) == 1
+    assert "need the tensorrt package" in capsys.readouterr().err
+    assert cli.main(["export", str(tmp_path / "no-such-model"), "--trt", "--ptx-version", "8.0", "-o", str(out)]) == 1
+    assert "need the tensorrt package" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("text", ["8", "eight", "8.10", "v8.0"])
+def test_ptx_version_flag_is_parsed_before_anything(text, capsys):
+    from mla_fx import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["export", "zoo:reference", "--trt", "--ptx-version", text, "-o", "x"])
+    assert exit_info.value.code == 2 and "a PTX ISA version looks like 8.0" in capsys.readouterr().err

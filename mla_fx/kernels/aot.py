@@ -121,14 +121,6 @@ def newest_ptx_version(arch: int = 90) -> int:
     return ptx_get_version(get_ptxas(arch).version)
 
 
-def parse_ptx_version(text: str) -> int:
-    """'8.0' -> 80 (the PTX ISA version as written in .version lines)."""
-    match = re.fullmatch(r"(\d+)\.(\d)", text.strip())
-    if match is None:
-        raise ValueError(f"a PTX ISA version looks like 8.0 or 9.4, not {text!r}")
-    return 10 * int(match.group(1)) + int(match.group(2))
-
-
 def check_ptx_version(ptx_version: int, arch: int) -> int:
     """ptx_version if sm_{arch} has it and this compiler can write it, else ValueError saying which bound."""
     floor, newest = MIN_PTX_VERSION.get(arch), newest_ptx_version(arch)
