@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from mla_fx.absorb import AbsorbConfig, AbsorbResult, absorb, save_program, save_report, to_program
-from mla_fx.check import DTYPES, Comparison, compare_generation, compare_logits, random_inputs
+from mla_fx.check import DTYPES, LOW_PRECISION, Comparison, compare_generation, compare_logits, random_inputs
 from mla_fx.errors import CheckFailed, MLAFXError
 from mla_fx.loading import LoadedModel
 from mla_fx.passes.manager import PassResult
@@ -128,7 +128,11 @@ def absorb_and_check(loaded: LoadedModel, config: AbsorbConfig, dtype: torch.dty
     if check:
         progress(f"checking rewritten vs original ({name})")
         rewritten = in_dtype(result.gm, dtype)
-        run.comparisons += compare_logits(reference, rewritten, random_inputs(loaded.vocab_size), dtype)
+        exact = None
+        if dtype in LOW_PRECISION and loaded.module is not None:  # judged against the original in float64
+            exact = in_dtype(loaded.to(torch.float64).reference(), torch.float64)
+        run.comparisons += compare_logits(reference, rewritten, random_inputs(loaded.vocab_size), dtype,
+                                          exact=exact)
         if generate_tokens:
             for label, prompt in prompts(loaded):
                 run.comparisons.append(compare_generation(reference, rewritten, prompt, generate_tokens,

@@ -13,6 +13,8 @@ from torch.export import Dim
 
 from mla_fx.errors import MLAFXError
 
+from .distribute_query_scale import distribute_query_scale
+
 
 def sequence_dims(max_seq: int, dynamic_batch: bool = True, inputs: int = 1) -> tuple[dict[int, Dim], ...]:
     """Dynamic [batch, seq] for each of `inputs` token-shaped inputs (input_ids, position_ids, ...)."""
@@ -34,14 +36,23 @@ def export_program(
 
 
 def graph_module(program: torch.export.ExportedProgram) -> fx.GraphModule:
-    """Functionalize and unlift: parameters become get_attr nodes the passes can replace."""
+    """Functionalize and unlift: parameters become get_attr nodes the passes can replace; drop the
+    capture's guards and dtype assertions; then the canonical forms the passes match
+    (distribute_query_scale)."""
+    # `.to(dtype)` leaves an assertion of the dtype seen at capture; the checks run graphs in other dtypes
+    # (and float64 captures see float32 factories as float64), so the assertions go before anything runs
+    asserts = [n for n in program.graph.nodes if n.target is torch.ops.aten._assert_tensor_metadata.default]
+    for node in asserts:
+        program.graph.erase_node(node)
+    if asserts:
+        program.graph_module.recompile()
     gm = program.run_decompositions({}).module()
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             gm.graph.erase_node(node)
             delattr(gm, "_guards_fn")
     gm.recompile()
-    return gm
+    return distribute_query_scale(gm).gm
 
 
 def capture(model: nn.Module, example: tuple[torch.Tensor, ...], max_seq: int = 4096) -> fx.GraphModule:

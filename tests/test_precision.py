@@ -51,3 +51,28 @@ def test_float64_check_measures_the_rewrite(deepseek_v3):
     assert run.passed
     for c in run.comparisons:
         assert 0 < c.rel_l2 < 1e-13, c.line()
+
+
+def test_low_precision_is_judged_against_float64():
+    """bf16/fp16: the rewrite may add at most 1.5x the original's own error (vs float64), plus a floor."""
+    from mla_fx.check import ERROR_FLOOR, ERROR_GROWTH, compare_to_float64
+
+    g = torch.Generator().manual_seed(0)
+    exact = torch.randn(2, 7, 50, generator=g, dtype=torch.float64)
+    noise = torch.randn(exact.shape, generator=g, dtype=torch.float64)
+    original = exact + 0.05 * noise  # the original's own error in the dtype: 5%
+    same_error = exact + 0.05 * torch.randn(exact.shape, generator=g, dtype=torch.float64)
+    worse = exact + 0.05 * (ERROR_GROWTH + 0.2) * noise
+    ok = compare_to_float64("logits[bfloat16 x]", exact, original, same_error)
+    bad = compare_to_float64("logits[bfloat16 x]", exact, original, worse)
+    assert ok.passed and not bad.passed
+    assert ok.tol == pytest.approx(ERROR_GROWTH * 0.05 + ERROR_FLOOR, rel=0.05)
+    assert "error vs float64 original: rewritten" in ok.line() and "original 0.05" in ok.line()
+    # an original that is exact in its dtype leaves the floor
+    assert not compare_to_float64("x", exact, exact, exact + 2 * ERROR_FLOOR * noise).passed
+
+
+def test_bfloat16_check_uses_the_float64_original(deepseek_v3):
+    run = absorb_and_check(deepseek_v3, AbsorbConfig(), torch.bfloat16)
+    assert run.passed and run.comparisons
+    assert all("error vs float64 original" in c.line() for c in run.comparisons)
