@@ -17,7 +17,7 @@ from mla_fx.errors import MLAFXError, NoMLAError
 from mla_fx.outputs import atomic_file
 from mla_fx.passes.absorb_uk import absorb_uk
 from mla_fx.passes.absorb_uv import absorb_uv
-from mla_fx.passes.capture import sequence_dims
+from mla_fx.passes.capture import export_program
 from mla_fx.passes.cleanup import cleanup
 from mla_fx.passes.find_mla_sites import MLASite, find_mla_sites, find_sites, no_mla_message
 from mla_fx.passes.manager import AfterPass, run_passes
@@ -75,16 +75,13 @@ def absorb(gm: fx.GraphModule, config: AbsorbConfig | None = None, after_pass: A
     return AbsorbResult(gm, mode, sites, stats)
 
 
-def to_program(gm: fx.GraphModule, example: tuple[torch.Tensor, ...], max_seq: int = 4096,
-               dynamic_batch: bool = True) -> torch.export.ExportedProgram:
+def to_program(gm: fx.GraphModule, example: tuple[torch.Tensor, ...], max_seq: int = 4096
+               ) -> torch.export.ExportedProgram:
     """Re-export the rewritten graph so it is called like the original: program(input_ids) -> logits."""
     try:
         with torch.no_grad():
-            return torch.export.export(gm, example, dynamic_shapes=sequence_dims(max_seq, dynamic_batch),
-                                       strict=False)
+            return export_program(gm, example, max_seq)
     except Exception as e:
-        if dynamic_batch:
-            return to_program(gm, example, max_seq, dynamic_batch=False)
         raise MLAFXError(f"could not export the rewritten graph: {type(e).__name__}: {e}") from e
 
 

@@ -14,6 +14,7 @@ from torch.export import Dim
 from mla_fx.errors import MLAFXError
 
 from .distribute_query_scale import distribute_query_scale
+from .split_query_like_key import split_query_like_key
 
 
 def sequence_dims(max_seq: int, dynamic_batch: bool = True, inputs: int = 1) -> tuple[dict[int, Dim], ...]:
@@ -27,18 +28,43 @@ def sequence_dims(max_seq: int, dynamic_batch: bool = True, inputs: int = 1) -> 
 def export_program(
     model: nn.Module, example: tuple[torch.Tensor, ...], max_seq: int
 ) -> torch.export.ExportedProgram:
-    """torch.export with dynamic batch and sequence; falls back to dynamic sequence only."""
+    """torch.export with dynamic batch and sequence; falls back to dynamic sequence only; where the
+    model constrains the sequence (DSA's top-k, a linear attention's chunks), to the range torch.export
+    derives from the model's own code (Dim.AUTO), checked by `sequence_range`."""
     n = len(example)
     try:
         return torch.export.export(model, example, dynamic_shapes=sequence_dims(max_seq, inputs=n), strict=False)
-    except Exception:  # some models specialise the batch size (e.g. masks built for B=1)
+    except Exception as e:  # some models specialise the batch size (e.g. masks built for B=1)
+        first = e
+    try:
         return torch.export.export(model, example, dynamic_shapes=sequence_dims(max_seq, False, n), strict=False)
+    except Exception:
+        if "Constraints violated" not in str(first):
+            raise
+    auto = tuple({0: Dim.AUTO, 1: Dim.AUTO} for _ in range(n))
+    return torch.export.export(model, example, dynamic_shapes=auto, strict=False)
+
+
+def sequence_range(program: torch.export.ExportedProgram) -> tuple[int, int | None] | None:
+    """(min, max) sequence length the program accepts (max None: unbounded); None if it is static."""
+    token = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name.endswith("input_ids")) \
+        if any(n.op == "placeholder" and n.name.endswith("input_ids") for n in program.graph.nodes) else None
+    if token is None:
+        return None
+    seq = token.meta["val"].shape[1]
+    if isinstance(seq, int):
+        return None
+    ranges = program.range_constraints.get(seq.node.expr)
+    if ranges is None:
+        return None
+    upper = None if ranges.upper.is_infinite else int(ranges.upper)
+    return int(ranges.lower), upper
 
 
 def graph_module(program: torch.export.ExportedProgram) -> fx.GraphModule:
     """Functionalize and unlift: parameters become get_attr nodes the passes can replace; drop the
     capture's guards and dtype assertions; then the canonical forms the passes match
-    (distribute_query_scale)."""
+    (distribute_query_scale, split_query_like_key)."""
     # `.to(dtype)` leaves an assertion of the dtype seen at capture; the checks run graphs in other dtypes
     # (and float64 captures see float32 factories as float64), so the assertions go before anything runs
     asserts = [n for n in program.graph.nodes if n.target is torch.ops.aten._assert_tensor_metadata.default]
@@ -52,7 +78,7 @@ def graph_module(program: torch.export.ExportedProgram) -> fx.GraphModule:
             gm.graph.erase_node(node)
             delattr(gm, "_guards_fn")
     gm.recompile()
-    return distribute_query_scale(gm).gm
+    return split_query_like_key(distribute_query_scale(gm).gm).gm
 
 
 def capture(model: nn.Module, example: tuple[torch.Tensor, ...], max_seq: int = 4096) -> fx.GraphModule:

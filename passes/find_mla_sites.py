@@ -129,6 +129,28 @@ def match_site(attn: fx.Node) -> MLASite | str:
                    {"q_rope": q_rope.name, "k_rope": k_rope.name, "latent": latent_k.name})
 
 
+# ops that mix values: a top-k behind one of them selects experts or computes scores; a top-k that reaches
+# an attention mask without passing one selects the keys (DSA's lightning indexer)
+_MIXING = {LINEAR, SDPA, torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.matmul.default,
+           torch.ops.aten.einsum.default}
+
+
+def selects_keys(attn: fx.Node) -> bool:
+    """Whether the attention's mask is built from a top-k's indices: sparse attention over selected keys."""
+    mask = attn.args[3] if len(attn.args) > 3 else attn.kwargs.get("attn_mask")
+    frontier, seen = [mask] if isinstance(mask, fx.Node) else [], set()
+    while frontier:
+        node = frontier.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.target is torch.ops.aten.topk.default:
+            return True
+        if node.target not in _MIXING:
+            frontier.extend(node.all_input_nodes)
+    return False
+
+
 def find_sites(gm: fx.GraphModule) -> tuple[list[MLASite], dict[str, str]]:
     """All MLA sites in graph order, and the reason each other attention was rejected."""
     sites, rejected = [], {}
