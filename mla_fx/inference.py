@@ -22,6 +22,8 @@ from mla_fx.passes.find_mla_sites import MLASite, selects_keys
 from mla_fx.passes.manager import run_passes
 
 STEP_INPUTS = ("input_ids", "position_ids", "attention_mask")
+# layer kinds of hybrid models whose state is not a KV cache (a recurrent state, convolution windows)
+STATEFUL_LAYERS = ("linear_attention", "mamba", "conv")
 PREFILL_INPUTS = ("input_ids", "position_ids", "attention_mask")
 EXAMPLE_BATCH, EXAMPLE_NEW, EXAMPLE_PAST = 2, 3, 5  # distinct, so no size is mistaken for another
 
@@ -74,6 +76,11 @@ def build_programs(loaded: LoadedModel, config: AbsorbConfig | None = None) -> I
     if loaded.module is None:
         raise LoadError(f"{loaded.name} is an exported program whose positions are fixed inside it; inference "
                         "programs need the model itself (a HF or mla-fx directory, or weights with --config)")
+    other_kinds = sorted({k for k in (loaded.hf_config or {}).get("layer_types") or [] if k in STATEFUL_LAYERS})
+    if other_kinds:
+        raise MLAFXError(f"the model mixes MLA with {', '.join(other_kinds)} layers (config layer_types): the "
+                         "inference programs do not yet carry those layers' own state, so they cannot decode this "
+                         "model. mla-fx absorb works on it (its MLA layers are rewritten, the others kept)")
     with torch.no_grad():
         gm = capture(loaded.module, positional_example(loaded), max_seq=loaded.max_seq)
     sparse = [n.name for n in gm.graph.nodes if n.target is SDPA and selects_keys(n)]

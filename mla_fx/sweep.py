@@ -81,7 +81,7 @@ def sweep_one(arch, workdir: Path, decode_steps: int = 2) -> SweepRow:
         row.failed, row.message = "build", f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     # float32 and float64 (the float64 check is the strict one); other dtypes are the suite's business
     steps = [("absorb", ["absorb", str(model_dir), "-o", str(workdir / f"{arch.name}.pt2"), "-q",
-                         "--dtypes", "float32,float64"]),
+                         "--dtypes", "float32,float64", "--generate", "8"]),
              ("export", ["export", str(model_dir), "--onnx", "-o", str(workdir / f"{arch.name}-onnx"),
                          "--decode-steps", str(decode_steps), "-q"])]
     for stage, argv in steps:
@@ -112,16 +112,18 @@ def run(names: list[str] | None = None, workdir: Path | None = None, progress=No
     return rows
 
 
+def markdown_row(r: SweepRow) -> str:
+    mark = {stage: ("yes" if stage in r.passed else ("**no**" if stage == r.failed else "-")) for stage in STAGES}
+    where = "" if r.ok else f"{r.failed}: `{r.message.replace('|', '/')}`"
+    return f"| {r.name} | {r.model_class or '-'} | {mark['absorb']} | {mark['export']} | {where} |"
+
+
 def markdown(rows: list[SweepRow]) -> str:
     import transformers
 
     lines = [f"| architecture (transformers {transformers.__version__}) | class | absorb + checks | "
              "ONNX export + ORT generation | where it stops |", "|---|---|---|---|---|"]
-    for r in rows:
-        mark = {stage: ("yes" if stage in r.passed else ("**no**" if stage == r.failed else "-"))
-                for stage in STAGES}
-        where = "" if r.ok else f"{r.failed}: `{r.message.replace('|', '/')}`"
-        lines.append(f"| {r.name} | {r.model_class or '-'} | {mark['absorb']} | {mark['export']} | {where} |")
+    lines += [markdown_row(r) for r in rows]
     passed = sum(r.ok for r in rows)
     lines.append("")
     lines.append(f"{passed} of {len(rows)} architectures go through absorb and export.")

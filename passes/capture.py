@@ -30,7 +30,7 @@ def export_program(
 ) -> torch.export.ExportedProgram:
     """torch.export with dynamic batch and sequence; falls back to dynamic sequence only; where the
     model constrains the sequence (DSA's top-k, a linear attention's chunks), to the range torch.export
-    derives from the model's own code (Dim.AUTO), checked by `sequence_range`."""
+    derives from the model's own code (Dim.AUTO)."""
     n = len(example)
     try:
         return torch.export.export(model, example, dynamic_shapes=sequence_dims(max_seq, inputs=n), strict=False)
@@ -43,22 +43,6 @@ def export_program(
             raise
     auto = tuple({0: Dim.AUTO, 1: Dim.AUTO} for _ in range(n))
     return torch.export.export(model, example, dynamic_shapes=auto, strict=False)
-
-
-def sequence_range(program: torch.export.ExportedProgram) -> tuple[int, int | None] | None:
-    """(min, max) sequence length the program accepts (max None: unbounded); None if it is static."""
-    token = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name.endswith("input_ids")) \
-        if any(n.op == "placeholder" and n.name.endswith("input_ids") for n in program.graph.nodes) else None
-    if token is None:
-        return None
-    seq = token.meta["val"].shape[1]
-    if isinstance(seq, int):
-        return None
-    ranges = program.range_constraints.get(seq.node.expr)
-    if ranges is None:
-        return None
-    upper = None if ranges.upper.is_infinite else int(ranges.upper)
-    return int(ranges.lower), upper
 
 
 def graph_module(program: torch.export.ExportedProgram) -> fx.GraphModule:

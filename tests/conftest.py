@@ -6,6 +6,9 @@ import torch
 # Without a GPU, Triton kernels run in its interpreter; it must be chosen before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# scripts/test.sh runs the suite in two pytest-xdist workers, one per core: one thread each
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
