@@ -200,3 +200,23 @@ def test_tiny_llama_has_no_mla():
     with torch.no_grad():
         y = model(_ids(2, 7))
     assert y.shape == (2, 7, hf.VOCAB) and torch.isfinite(y).all()
+
+
+def test_absorbed_moe_program_loads_with_mla_fx_alone(tmp_path):
+    """An absorbed .pt2 of a MoE model (batched_mm experts: no custom op) loads and runs in a fresh process
+    that imports mla_fx and nothing of transformers."""
+    import subprocess
+    import sys
+
+    from mla_fx import cli
+
+    out = tmp_path / "moe.pt2"
+    assert cli.main(["absorb", "zoo:deepseek_v3", "-o", str(out), "-q", "--dtypes", "float32"]) == 0
+    script = ("import sys, torch, mla_fx\n"
+              f"program = torch.export.load({str(out)!r})\n"
+              "logits = program.module()(torch.randint(0, 128, (2, 7)))\n"
+              "assert logits.shape == (2, 7, 128), logits.shape\n"
+              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

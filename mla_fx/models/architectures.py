@@ -11,6 +11,7 @@ DSA keeps its indexer and hybrids keep their other layers.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import pkgutil
 from dataclasses import dataclass
@@ -39,7 +40,6 @@ ROPE_ORIGINAL_MAX = 64  # YaRN's original context, below the tiny max_position_e
 class Architecture:
     folder: str  # transformers.models.<folder>
     config_class: type  # the config that has kv_lora_rank (a multimodal model's text config)
-    outer_config_class: type | None = None  # the multimodal config around it, if any
 
     @property
     def name(self) -> str:
@@ -60,8 +60,10 @@ def _configs_of(folder: str) -> list[type]:
             if isinstance(obj, type) and issubclass(obj, tf.PretrainedConfig) and obj.__module__ == module.__name__]
 
 
-def mla_architectures() -> list[Architecture]:
-    """The architectures of the installed transformers whose (text) config has kv_lora_rank, by folder."""
+@functools.cache
+def mla_architectures() -> tuple[Architecture, ...]:
+    """The architectures of the installed transformers whose (text) config has kv_lora_rank, by folder
+    (every config class of transformers is built once with its defaults to look: a few seconds)."""
     tf = _transformers()
     found = []
     for info in pkgutil.iter_modules(tf.models.__path__):
@@ -69,9 +71,8 @@ def mla_architectures() -> list[Architecture]:
         mla = [c for c in configs if "kv_lora_rank" in _defaults(c)]
         if not mla:
             continue
-        outer = next((c for c in configs if c not in mla and "text_config" in _defaults(c)), None)
-        found.append(Architecture(info.name, mla[0], outer))
-    return found
+        found.append(Architecture(info.name, mla[0]))
+    return tuple(found)
 
 
 def _defaults(cls: type) -> dict[str, Any]:
