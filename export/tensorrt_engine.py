@@ -37,6 +37,18 @@ def require_cuda() -> None:
         raise MLAFXError(f"{TRT_MESSAGE}: no CUDA device is visible")
 
 
+def plugin_ptx_version(ptx_version: int | None) -> int:
+    """The AOT plugin's PTX version on this machine's GPU (kernels/aot.py resolve_ptx_version), or MLAFXError
+    saying which bound it breaks; needs Triton."""
+    require_aot_compiler()
+    from mla_fx.kernels.aot import resolve_ptx_version
+
+    try:
+        return resolve_ptx_version(ptx_version, tensorrt_plugin.device_arch())
+    except ValueError as e:
+        raise MLAFXError(f"PTX version: {e}") from None
+
+
 def network_flags(trt, implementation: str) -> int:
     """Bits for builder.create_network: each flag is `1 << int(flag)` (TensorRT 11 renumbered them and
     made STRONGLY_TYPED the default; EXPLICIT_BATCH is gone)."""
@@ -110,16 +122,12 @@ def build_engines(onnx_dir: Path, out_dir: Path, *, max_batch: int, max_new_toke
     require_cuda()
     if implementation not in IMPLEMENTATIONS:
         raise MLAFXError(f"implementation must be one of {sorted(IMPLEMENTATIONS)}, not {implementation!r}")
+    ptx = None
     if implementation == "aot":
-        require_aot_compiler()
-        from mla_fx.kernels.aot import check_ptx_version, default_ptx_version
+        from mla_fx.kernels.aot import ptx_text
 
-        arch = tensorrt_plugin.device_arch()
-        try:
-            ptx_version = check_ptx_version(default_ptx_version(arch) if ptx_version is None else ptx_version, arch)
-        except ValueError as e:
-            raise MLAFXError(str(e)) from None
-        tensorrt_plugin.kernel_options["ptx_version"] = ptx_version
+        ptx_version = tensorrt_plugin.kernel_options["ptx_version"] = plugin_ptx_version(ptx_version)
+        ptx = ptx_text(ptx_version)
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     source = read_export_manifest(onnx_dir)
     if dtype is not None and dtype != source["dtype"]:
@@ -146,7 +154,7 @@ def build_engines(onnx_dir: Path, out_dir: Path, *, max_batch: int, max_new_toke
             "limits": {"max_batch": max_batch, "max_new_tokens": max_new_tokens, "max_cache": max_cache,
                        "step_new_tokens": STEP_NEW_TOKENS},
             "tensorrt": trt.__version__, "device": torch.cuda.get_device_name(),
-            "ptx_version": f"{ptx_version // 10}.{ptx_version % 10}" if implementation == "aot" else None,
+            "ptx_version": ptx,
             "compute_capability": list(torch.cuda.get_device_capability()), "programs": programs,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

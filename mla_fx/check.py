@@ -62,13 +62,9 @@ def compare_to_float64(name: str, exact: torch.Tensor, original: torch.Tensor, c
     if exact.shape != candidate.shape:
         return compare(name, exact, candidate, 0.0)
 
-    def rel(t: torch.Tensor) -> float:
-        ref = exact.detach().double().flatten()
-        return ((t.detach().double().flatten() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
-
-    own, err = rel(original), rel(candidate)
+    flat_e, flat_o, flat_c = (t.detach().double().flatten() for t in (exact, original, candidate))
+    own, err = rel_between(flat_e, flat_o), rel_between(flat_e, flat_c)
     limit = ERROR_GROWTH * own + ERROR_FLOOR
-    flat_c, flat_o = candidate.detach().double().flatten(), original.detach().double().flatten()
     cos = torch.nn.functional.cosine_similarity(flat_o, flat_c, dim=0).item() if flat_c.numel() else 1.0
     finite = bool(torch.isfinite(candidate).all())
     detail = (f"error vs float64 original: rewritten {err:.3g}, original {own:.3g} (limit {ERROR_GROWTH:g}x + "

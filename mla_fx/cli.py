@@ -356,15 +356,9 @@ def cmd_export(args) -> int:
         require_tensorrt()  # before any work: say what is missing
         require_cuda()
         if args.plugin == "aot":
-            from mla_fx.export.tensorrt_plugin import device_arch, require_aot_compiler
-            from mla_fx.kernels.aot import check_ptx_version
+            from mla_fx.export.tensorrt_engine import plugin_ptx_version
 
-            require_aot_compiler()
-            if args.ptx_version is not None:
-                try:
-                    check_ptx_version(args.ptx_version, device_arch())
-                except ValueError as e:
-                    raise MLAFXError(f"--ptx-version: {e}") from None
+            plugin_ptx_version(args.ptx_version)
         elif args.ptx_version is not None:
             raise MLAFXError("--ptx-version applies to the aot plugin (the jit plugin compiles on the GPU it runs on)")
     if args.opset < 23:

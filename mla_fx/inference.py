@@ -22,9 +22,9 @@ from mla_fx.passes.find_mla_sites import MLASite, selects_keys
 from mla_fx.passes.manager import run_passes
 
 STEP_INPUTS = ("input_ids", "position_ids", "attention_mask")
+PREFILL_INPUTS = ("input_ids", "position_ids", "attention_mask")
 # layer kinds of hybrid models whose state is not a KV cache (a recurrent state, convolution windows)
 STATEFUL_LAYERS = ("linear_attention", "mamba", "conv")
-PREFILL_INPUTS = ("input_ids", "position_ids", "attention_mask")
 EXAMPLE_BATCH, EXAMPLE_NEW, EXAMPLE_PAST = 2, 3, 5  # distinct, so no size is mistaken for another
 
 

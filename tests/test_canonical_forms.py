@@ -34,28 +34,24 @@ class Attention(nn.Module):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def _attention_query(gm):
+def _captured(style: str):
+    """The module, an input, its captured graph and the [start, end, source] parts of the attention's query."""
+    torch.manual_seed(0)
+    model, x = Attention(style).eval(), torch.randn(2, 7, 16)
+    gm = capture(model, (x,), max_seq=32)
     (attn,) = [n for n in gm.graph.nodes if n.target is SDPA]
-    return attn.args[0]
+    assert attn.args[0].target is aten.cat.default  # a [nope ; rope] concatenation, as the matcher wants
+    return model, x, gm, last_dim_parts(attn.args[0])
 
 
 def test_scale_on_the_concatenated_query_moves_onto_its_parts():
-    torch.manual_seed(0)
-    model, x = Attention("scaled").eval(), torch.randn(2, 7, 16)
-    gm = capture(model, (x,), max_seq=32)
-    q = _attention_query(gm)
-    parts = last_dim_parts(q)
-    assert q.target is aten.cat.default and len(parts) == 2
-    assert all(src.target is aten.mul.Tensor for _, _, src in parts)
+    model, x, gm, parts = _captured("scaled")
+    assert len(parts) == 2 and all(src.target is aten.mul.Tensor for _, _, src in parts)
     torch.testing.assert_close(gm(x), model(x), rtol=0, atol=1e-6)
 
 
 def test_one_piece_query_is_split_where_the_key_is_assembled():
-    torch.manual_seed(0)
-    model, x = Attention("plain").eval(), torch.randn(2, 7, 16)
-    gm = capture(model, (x,), max_seq=32)
-    q = _attention_query(gm)
-    parts = last_dim_parts(q)
+    model, x, gm, parts = _captured("plain")
     assert [(start, end) for start, end, _ in parts] == [(0, 6), (6, 10)]
     assert all(src.target is aten.slice.Tensor for _, _, src in parts)
     torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)

@@ -121,16 +121,24 @@ def newest_ptx_version(arch: int = 90) -> int:
     return ptx_get_version(get_ptxas(arch).version)
 
 
+def ptx_text(ptx_version: int) -> str:
+    """80 -> '8.0', as .version lines and --ptx-version write it."""
+    return f"{ptx_version // 10}.{ptx_version % 10}"
+
+
 def check_ptx_version(ptx_version: int, arch: int) -> int:
     """ptx_version if sm_{arch} has it and this compiler can write it, else ValueError saying which bound."""
     floor, newest = MIN_PTX_VERSION.get(arch), newest_ptx_version(arch)
     if floor is not None and ptx_version < floor:
-        raise ValueError(f"PTX {ptx_version // 10}.{ptx_version % 10} predates sm_{arch} (it needs PTX "
-                         f"{floor // 10}.{floor % 10} or later)")
+        raise ValueError(f"PTX {ptx_text(ptx_version)} predates sm_{arch} (it needs PTX {ptx_text(floor)} or later)")
     if ptx_version > newest:
-        raise ValueError(f"PTX {ptx_version // 10}.{ptx_version % 10} is newer than Triton's ptxas writes "
-                         f"({newest // 10}.{newest % 10})")
+        raise ValueError(f"PTX {ptx_text(ptx_version)} is newer than Triton's ptxas writes ({ptx_text(newest)})")
     return ptx_version
+
+
+def resolve_ptx_version(ptx_version: int | None, arch: int) -> int:
+    """The PTX version the plugin's kernel declares: the one asked for, checked, or the target's oldest."""
+    return check_ptx_version(default_ptx_version(arch) if ptx_version is None else ptx_version, arch)
 
 
 def ptx_version_of(ptx: str) -> int:
@@ -145,7 +153,7 @@ def compile_for_plugin(dtype: str, kv_lora_rank: int, rope_dim: int, scale: floa
                        ptx_version: int | None = None) -> AotKernel:
     """The fastest of PLUGIN_CONFIGS whose shared memory fits a plugin launch, as PTX of `ptx_version`
     (default: the oldest PTX that has the target, which every driver for the GPU accepts)."""
-    ptx_version = check_ptx_version(default_ptx_version(arch) if ptx_version is None else ptx_version, arch)
+    ptx_version = resolve_ptx_version(ptx_version, arch)
     for block_h, block_n, num_stages in PLUGIN_CONFIGS:
         try:
             return compile_decode_ptx(dtype, kv_lora_rank, rope_dim, scale, arch, block_h=block_h, block_n=block_n,
