@@ -2,8 +2,9 @@
 
 Importing the package registers the `mla_fx::` torch ops, which a saved absorbed program needs:
 
-    import mla_fx, torch
-    logits = torch.export.load("model.absorbed.pt2").module()(input_ids)
+    import mla_fx
+    model = mla_fx.load("model.absorbed.pt2")  # or an absorbed checkpoint folder
+    logits = model(input_ids)
 """
 
 from __future__ import annotations
@@ -11,5 +12,13 @@ from __future__ import annotations
 from mla_fx import ops  # noqa: F401  (registers torch.ops.mla_fx.*)
 from mla_fx.spec import MLASpec
 
-__all__ = ["MLASpec", "__version__"]
+
+def load(path):
+    """What `mla-fx absorb` wrote (a `.pt2` or an absorbed checkpoint folder) as an input_ids -> logits module."""
+    from mla_fx.load_output import load as load_output
+
+    return load_output(path)
+
+
+__all__ = ["MLASpec", "__version__", "load"]
 __version__ = "0.1.0"

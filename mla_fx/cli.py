@@ -6,7 +6,9 @@ import argparse
 import functools
 import math
 import re
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -75,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("absorb", help="rewrite MLA into absorbed MQA over the latent cache; write a .pt2")
     _model_args(p)
     _check_args(p)
-    p.add_argument("-o", "--output", type=Path, required=True, help="output .pt2 (torch.export program)")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="OUT.pt2: the rewritten program with its weights (models that fit in memory); a folder: an "
+                        "absorbed checkpoint, weights streamed shard by shard (a HF safetensors MODEL of any size)")
     p.add_argument("--report", type=Path, help="write a JSON report (sites, specs, costs, pass stats, checks)")
     p.add_argument("--dtypes", default=None,
                    help="dtypes to check in, comma separated (default: the model's dtype and float64)")
@@ -200,8 +204,6 @@ def _check_absorb_outputs(args) -> None:
 
     if args.no_check and args.check_each_pass:
         raise MLAFXError("--check-each-pass checks numerics; it cannot go with --no-check")
-    if args.output.suffix != ".pt2":
-        raise MLAFXError(f"-o {args.output}: the output is a torch.export program and must end in .pt2")
     for flag, path in (("-o", args.output), ("--report", args.report)):
         if path is not None and _same_path(path, args.model):
             raise MLAFXError(f"{flag} {path} is MODEL itself; choose another output path")
@@ -218,6 +220,8 @@ def cmd_absorb(args) -> int:
     from mla_fx.absorb import AbsorbConfig
     from mla_fx.api import Progress, absorb_and_check, write_outputs
 
+    if args.output.suffix != ".pt2":
+        return _absorb_checkpoint(args)
     _check_absorb_outputs(args)
     progress = Progress(args.quiet)
     progress(f"loading {args.model}")
@@ -241,6 +245,73 @@ def cmd_absorb(args) -> int:
             raise CheckFailed(f"the rewrite does not match the original; {args.output} not written "
                               "(--force writes it anyway)")
     write_outputs(run, loaded, args.output, args.report, progress)
+    print(f"wrote {args.output}" + (f" and {args.report}" if args.report else ""))
+    return 0
+
+
+def _absorb_checkpoint(args) -> int:
+    """-o FOLDER: the checkpoint streamed through the rewrite (mla_fx.absorbed_checkpoint)."""
+    from mla_fx.absorb import AbsorbConfig, save_report
+    from mla_fx.absorbed_checkpoint import plan_absorb, write_absorbed
+    from mla_fx.api import Progress
+    from mla_fx.checkpoint import Checkpoint
+    from mla_fx.outputs import check_writable
+
+    for flag, given in (("--dtypes", args.dtypes), ("--check-each-pass", args.check_each_pass),
+                        ("--dump-graphs", args.dump_graphs)):
+        if given:
+            raise MLAFXError(f"{flag} is for a .pt2 output; an absorbed checkpoint is checked layer by layer in "
+                             "float64 and end to end in its dtype")
+    model = Path(args.model)
+    if not model.is_dir():
+        raise MLAFXError(f"-o {args.output} (a folder) writes an absorbed checkpoint, which needs MODEL to be a HF "
+                         f"safetensors directory; {args.model} is not one (use -o OUT.pt2)")
+    for flag, path in (("-o", args.output), ("--report", args.report)):
+        if path is not None and _same_path(path, model):
+            raise MLAFXError(f"{flag} {path} is MODEL itself; choose another output path")
+    check_writable(args.output, directory=True, what="the absorbed checkpoint")
+    if args.report is not None:
+        check_writable(args.report, directory=False, what="the report")
+    progress = Progress(args.quiet)
+    checkpoint = Checkpoint(model)
+    progress(f"capturing {model} with meta weights ({len(checkpoint.shards)} shard(s), "
+             f"{checkpoint.nbytes() / 2**30:.2f} GiB) and rewriting it")
+    plan = plan_absorb(checkpoint, AbsorbConfig(mode=args.mode))
+    if plan.structure.note:
+        print(f"note: {plan.structure.note}")
+    print(f"{model}: {len(plan.result.sites)} MLA layer(s) rewritten, mode {plan.result.mode}; "
+          f"{len(plan.new)} new weight(s), {len(plan.dropped)} tensor(s) no longer read")
+    _print_sites(plan.result.sites, plan.result.mode)
+    for change in plan.dtype_changes():
+        print(f"dtype: {change['key']} is {change['dtype']}, computed from "
+              + ", ".join(f"{k} ({d})" for k, d in change["from"].items()))
+
+    def judge(comparisons, where: str) -> None:
+        plan.checks += [c.to_dict() for c in comparisons]
+        _print_comparisons(comparisons)
+        if not all(c.passed for c in comparisons) and not args.force:
+            raise CheckFailed(f"the rewrite does not match the original ({where}); {args.output} not written "
+                              "(--force writes it anyway)")
+
+    verify = None
+    if not args.no_check:
+        from mla_fx.checkpoint_checks import end_to_end_check, layer_checks
+
+        progress("checking every layer's attention in float64 on its own weights")
+        judge(layer_checks(plan, args.quiet), "per layer")
+
+        def verify(folder: Path) -> None:
+            progress("checking the written checkpoint end to end")
+            result = end_to_end_check(plan, folder)
+            if isinstance(result, str):
+                print(result)
+                plan.checks.append({"name": "end to end", "skipped": result})
+            else:
+                judge(result, "end to end")
+
+    write_absorbed(plan, args.output, progress, quiet=args.quiet, before_commit=verify)
+    if args.report is not None:
+        save_report(plan.manifest(), args.report)
     print(f"wrote {args.output}" + (f" and {args.report}" if args.report else ""))
     return 0
 
@@ -485,6 +556,10 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # the suite parses its own options (--quick, --out, --only)
@@ -500,8 +575,13 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "quiet", False):
             _quiet_libraries()
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")  # torch.export internals
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         return handler()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: outputs are written all or nothing, so nothing is left
+        print(f"mla-fx {command}: interrupted; no output written (an earlier output is kept)", file=sys.stderr)
+        return 130
     except MLAFXError as e:
         print(f"mla-fx {command}: error: {e}", file=sys.stderr)
         return 1
@@ -511,6 +591,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # bad option values (dtype names, modes)
         print(f"mla-fx {command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

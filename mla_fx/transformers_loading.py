@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,7 +99,8 @@ def from_config(config) -> tuple[nn.Module, ModelChoice]:
     return model.eval(), choice
 
 
-def from_pretrained(path: Path) -> tuple[nn.Module, ModelChoice, dict[str, list[str]]]:
+def from_pretrained(path: Path, dtype: torch.dtype = torch.float32
+                    ) -> tuple[nn.Module, ModelChoice, dict[str, list[str]]]:
     """A model directory's causal LM (or multimodal text decoder) and transformers' loading info."""
     tf = _transformers()
     config = tf.AutoConfig.from_pretrained(path, local_files_only=True)
@@ -105,10 +108,24 @@ def from_pretrained(path: Path) -> tuple[nn.Module, ModelChoice, dict[str, list[
     cls = choice.multimodal_cls or choice.cls
     model, info = _with_attention(lambda impl: cls.from_pretrained(
         path, local_files_only=True, attn_implementation=impl, experts_implementation=EXPERTS,
-        dtype=torch.float32, output_loading_info=True), cls)
+        dtype=dtype, output_loading_info=True), cls)
     if choice.multimodal_cls is not None:
         model = _text_decoder(model, choice)
     return model.eval(), choice, info
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """transformers' load report and progress bars off (a folder whose missing and extra keys are expected)."""
+    tf = _transformers()
+    level = tf.logging.get_verbosity()
+    tf.logging.set_verbosity_error()
+    tf.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tf.logging.set_verbosity(level)
+        tf.utils.logging.enable_progress_bar()
 
 
 def _text_decoder(multimodal: nn.Module, choice: ModelChoice) -> nn.Module:

@@ -15,6 +15,8 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
+from mla_fx.weight_recipes import carry_recipe
+
 aten = torch.ops.aten
 
 LAYOUT_OPS = {
@@ -213,7 +215,10 @@ def add_param(gm: fx.GraphModule, name: str, value: torch.Tensor, before: fx.Nod
     while hasattr(gm, name):
         i += 1
         name = f"{base}_{i}"
-    gm.register_parameter(name, torch.nn.Parameter(value.detach().contiguous(), requires_grad=False))
+    data = value.detach().contiguous()
+    param = torch.nn.Parameter(data, requires_grad=False)
+    carry_recipe(data, param)  # a weight computed from meta weights keeps how it was computed
+    gm.register_parameter(name, param)
     with gm.graph.inserting_before(before):
         return gm.graph.get_attr(name)
 

@@ -220,3 +220,43 @@ def tiny_llama(*, seed: int = 0) -> CausalLMLogits:
         tie_word_embeddings=False,
     )
     return build_config(cfg, seed, torch.float32)
+
+
+FP8_SKIP = ("embed_tokens", "lm_head", "norm", "mlp.gate.", "e_score_correction_bias")
+
+
+def save_checkpoint(name: str, directory, *, dtype: torch.dtype = torch.float32, fp8_block: int | None = None,
+                    seed: int = 0) -> None:
+    """A zoo model saved as a HF checkpoint directory, as `save_pretrained` writes it (hub key format, experts one
+    by one). With `fp8_block`, in DeepSeek-V3's FP8 format: the linear weights (not embeddings, norms, routers or
+    lm_head) as float8_e4m3fn with a float32 `weight_scale_inv` per fp8_block x fp8_block block."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from mla_fx.checkpoint import quantize_blocks
+
+    directory = Path(directory)
+    build(name, seed=seed, dtype=dtype).model.save_pretrained(directory)
+    if fp8_block is None:
+        return
+    for shard in sorted(directory.glob("*.safetensors")):
+        tensors = load_file(str(shard))
+        out = {}
+        for key, value in tensors.items():
+            if value.dim() == 2 and key.endswith(".weight") and not any(s in key for s in FP8_SKIP):
+                out[key], out[key + "_scale_inv"] = quantize_blocks(value, (fp8_block, fp8_block))
+            else:
+                out[key] = value
+        save_file(out, str(shard), metadata={"format": "pt"})
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        for key, shard in list(data["weight_map"].items()):
+            data["weight_map"][key + "_scale_inv"] = shard
+        index.write_text(json.dumps(data, indent=2))
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [fp8_block, fp8_block]}
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
