@@ -15,6 +15,7 @@ rewritten, each new weight's formula and sources, the dropped tensors, dtype cha
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,12 @@ MANIFEST = "mla_fx.json"
 PROGRAM = "program.pt2"
 SHARD_BYTES = 2 << 30  # output shards are cut at this size, so memory holds one shard at most
 SKIP_FILES = (".safetensors", ".bin", ".pt", ".pth", ".pt2")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -131,14 +138,14 @@ def plan_absorb(checkpoint: Checkpoint, config: AbsorbConfig, dtype: torch.dtype
 class _ShardWriter:
     """Output shards of at most SHARD_BYTES, then their index (HF's sharded format)."""
 
-    def __init__(self, folder: Path, metadata: dict[str, str]):
-        self.folder, self.metadata = folder, metadata
+    def __init__(self, folder: Path, metadata: dict[str, str], shard_bytes: int = SHARD_BYTES):
+        self.folder, self.metadata, self.shard_bytes = folder, metadata, shard_bytes
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes, self.files, self.weight_map = 0, [], {}
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > SHARD_BYTES:
+        if self.pending and self.pending_bytes + size > self.shard_bytes:
             self.flush()
         self.pending[key] = tensor.contiguous()
         self.pending_bytes += size
@@ -148,6 +155,7 @@ class _ShardWriter:
             return
         name = f"model-{len(self.files) + 1:05d}.safetensors"
         save_file(self.pending, str(self.folder / name), metadata=self.metadata)
+        os.chmod(self.folder / name, 0o666 & ~_umask())
         self.files.append(name)
         self.weight_map.update(dict.fromkeys(self.pending, name))
         self.pending, self.pending_bytes = {}, 0
@@ -179,7 +187,7 @@ def _save_program(plan: AbsorbPlan, path: Path) -> None:
 
 
 def write_absorbed(plan: AbsorbPlan, out: Path, progress: Callable[[str], None], quiet: bool = False,
-                   before_commit: Callable[[Path], None] | None = None) -> None:
+                   before_commit: Callable[[Path], None] | None = None, shard_bytes: int = SHARD_BYTES) -> None:
     """Stream the checkpoint into `out` (all or nothing); `before_commit(folder)` checks the finished folder."""
     from tqdm import tqdm
 
@@ -194,7 +202,7 @@ def write_absorbed(plan: AbsorbPlan, out: Path, progress: Callable[[str], None],
                 shutil.copy2(f, tmp / f.name)
         progress(f"writing the rewritten program ({PROGRAM})")
         _save_program(plan, tmp / PROGRAM)
-        writer = _ShardWriter(tmp, {"format": "pt", "written_by": "mla-fx"})
+        writer = _ShardWriter(tmp, {"format": "pt", "written_by": "mla-fx"}, shard_bytes)
         fetch = plan.fetch()
         bar = tqdm(total=ckpt.nbytes(), unit="B", unit_scale=True, desc="absorb: shards", disable=quiet)
         with bar:

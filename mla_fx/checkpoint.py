@@ -163,9 +163,12 @@ class Checkpoint:
         return sum((self.directory / s).stat().st_size for s in self.shards)
 
     def iter_shard(self, shard: str) -> Iterator[tuple[str, torch.Tensor]]:
-        """(key, stored tensor) of one shard, in file order, one tensor read at a time."""
+        """(key, stored tensor) of one shard, in file order, one tensor read at a time; the file is mapped only
+        while a tensor is read, so the pages read do not stay in this process's resident memory."""
         with self._open(shard) as f:
-            for key in f.keys():  # noqa: SIM118
+            keys = list(f.keys())
+        for key in keys:
+            with self._open(shard) as f:
                 yield key, f.get_tensor(key)
 
     def resolve(self, module_key: str) -> str:

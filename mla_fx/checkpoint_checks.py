@@ -16,7 +16,9 @@ from mla_fx.layer_check import check_layers
 from mla_fx.models.wrappers import CausalLMLogits
 from mla_fx.precision import in_dtype
 
-END_TO_END_SHARE = 0.5  # run the end-to-end check when it needs at most this share of the machine's memory
+# the end-to-end check holds the whole model three times; it runs where that fits in this budget (and in half the
+# machine's memory), so that the absorb of a large checkpoint stays within a few GiB; every layer is checked anyway
+END_TO_END_BUDGET = 4 << 30
 CHECK_SHAPE = (2, 17)
 
 
@@ -48,17 +50,16 @@ def machine_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def end_to_end_check(plan: AbsorbPlan, folder: Path) -> list[Comparison] | str:
+def end_to_end_check(plan: AbsorbPlan, folder: Path, budget: int = END_TO_END_BUDGET) -> list[Comparison] | str:
     """Logits of the absorbed folder against the original checkpoint, or why the check was not run."""
     from mla_fx import transformers_loading
     from mla_fx.load_output import load_absorbed_checkpoint
 
-    need = end_to_end_bytes(plan)
-    if need > END_TO_END_SHARE * machine_memory():
+    need, budget = end_to_end_bytes(plan), min(budget, machine_memory() // 2)
+    if need > budget:
         return (f"end-to-end check skipped: it would hold {need / 2**30:.1f} GiB (the original in float64 and "
-                f"{str(plan.structure.dtype).removeprefix('torch.')}, the rewritten), more than "
-                f"{END_TO_END_SHARE:.0%} of this machine's {machine_memory() / 2**30:.1f} GiB; the per-layer "
-                "checks cover every layer")
+                f"{str(plan.structure.dtype).removeprefix('torch.')}, the rewritten), more than its "
+                f"{budget / 2**30:.1f} GiB budget; the per-layer checks cover every layer")
     dtype = plan.structure.dtype
     source = plan.checkpoint.directory
 

@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtypes to check in, comma separated (default: the model's dtype and float64)")
     p.add_argument("--no-check", action="store_true", help="skip the equivalence check (not recommended)")
     p.add_argument("--force", action="store_true", help="write the output even if the check fails")
+    p.add_argument("--max-shard-size", type=_non_negative_float, default=2.0, metavar="GB",
+                   help="absorbed checkpoint: largest output shard, in GB (memory holds about one; default 2)")
+    p.add_argument("--check-memory", type=_non_negative_float, default=4.0, metavar="GIB",
+                   help="absorbed checkpoint: run the end-to-end check (the model three times in memory, once in "
+                        "float64) only where it needs at most this much; every layer is checked anyway (default 4)")
 
     p = sub.add_parser("check", help="numerical equivalence of the rewrite (or of a written .pt2) with MODEL")
     _model_args(p)
@@ -302,14 +307,15 @@ def _absorb_checkpoint(args) -> int:
 
         def verify(folder: Path) -> None:
             progress("checking the written checkpoint end to end")
-            result = end_to_end_check(plan, folder)
+            result = end_to_end_check(plan, folder, int(args.check_memory * 2**30))
             if isinstance(result, str):
                 print(result)
                 plan.checks.append({"name": "end to end", "skipped": result})
             else:
                 judge(result, "end to end")
 
-    write_absorbed(plan, args.output, progress, quiet=args.quiet, before_commit=verify)
+    write_absorbed(plan, args.output, progress, quiet=args.quiet, before_commit=verify,
+                   shard_bytes=max(int(args.max_shard_size * 1e9), 1))
     if args.report is not None:
         save_report(plan.manifest(), args.report)
     print(f"wrote {args.output}" + (f" and {args.report}" if args.report else ""))
