@@ -23,7 +23,7 @@ _HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = _HERE / "results" if (_HERE.parent / "pyproject.toml").is_file() else Path("mla-fx-bench-results")
 THREADS = 2
 
-# DeepSeek-V3 attention sizes (DESIGN.md section 1); one layer, a tiny dense MLP and a tiny vocab so
+# DeepSeek-V3 attention sizes (DeepSeek-V3 report, section 2.1); one layer, a tiny dense MLP and a tiny vocab so
 # the attention dominates every measurement.
 V3_ATTENTION = dict(hidden_size=7168, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
                     qk_rope_head_dim=64, v_head_dim=128)

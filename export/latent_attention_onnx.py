@@ -1,7 +1,7 @@
 """The ONNX form of mla_fx::latent_attention: a custom-domain node with a function body.
 
 The node `mla_fx::LatentAttention(q_latent, q_rope, latent_kv, attn_mask)` carries the attributes in
-ATTRIBUTES (names, order and types are the TensorRT plugin's registration, see DESIGN.md section 4).
+ATTRIBUTES (names, order and types are the TensorRT plugin's registration in export/tensorrt_plugin.py).
 The model also carries an ONNX *function* of that domain and name whose body is standard ops
 (Concat, Unsqueeze, Slice, Attention-23), so ONNX Runtime runs the node, and TensorRT can replace it
 with the registered plugin.

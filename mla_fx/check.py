@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-# relative L2 tolerances per dtype (DESIGN.md section 5)
+# relative L2 tolerances per dtype (README: "Checks that mean something at depth")
 TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 # Low precision is judged against a float64 reference of the original: the rewrite may add at most
 # ERROR_GROWTH times the error the original itself makes in that dtype, plus ERROR_FLOOR (relative L2).

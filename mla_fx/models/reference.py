@@ -1,6 +1,6 @@
 """Reference Multi-head Latent Attention decoder LM, written from the DeepSeek-V2 paper's equations.
 
-Per layer, token t, head i (DESIGN.md section 1)::
+Per layer, token t, head i (the equations of the DeepSeek-V2 paper, appendix C)::
 
     c_Q   = q_norm(W_DQ h_t)                         (or q_C comes from W_Q h_t when q_lora_rank is None)
     q_C,i = W_UQ,i c_Q          q_R,i = RoPE(W_QR,i c_Q)
