@@ -107,7 +107,7 @@ def test_outputs_are_checked_before_any_work(tmp_path, capsys):
     weights.write_bytes(b"not touched")
     (tmp_path / "d.pt2").mkdir()
     cases = [
-        (["-o", str(tmp_path / "x.txt")], "must end in .pt2"),
+        (["-o", str(tmp_path / "x.txt")], "needs MODEL to be a HF safetensors directory"),  # a folder output
         (["-o", str(tmp_path / "d.pt2")], "it exists and is a directory"),
         (["-o", str(tmp_path / "same.pt2"), "--report", str(tmp_path / "same.pt2")], "are the same file"),
         (["-o", str(tmp_path / "o.pt2"), "--report", str(weights)], "is MODEL itself"),
