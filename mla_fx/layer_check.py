@@ -5,12 +5,14 @@ From the structure graph (before the passes) and the rewritten one, each site's 
 from the hidden state its projections read (the input of the linear that makes the latent) to the value it
 hands back (the output projection's result, or what replaced it). Only the weights that block reads are
 loaded, in float64; new weights are computed from their recipes in float64. Both blocks run on the same random
-hidden state; the rewrite is exact, so the relative difference is rounding (~1e-15).
+hidden state; the rewrite is exact, so the relative difference is rounding (~1e-15). The structure is captured in
+the model's dtype, whose casts (RMSNorm's, rotary's) are constants of the graph: the blocks widen them to float64
+(:func:`mla_fx.precision.graph_in_float64`), so nothing in a block rounds to a lower precision.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import fx
@@ -19,7 +21,7 @@ from mla_fx.check import TOLERANCES, Comparison, compare
 from mla_fx.errors import MLAFXError
 from mla_fx.passes._graph import LINEAR, SDPA
 from mla_fx.passes.find_mla_sites import MLASite
-from mla_fx.precision import true_float64
+from mla_fx.precision import graph_in_float64
 from mla_fx.structure import run_on_cpu
 from mla_fx.weight_recipes import Node, evaluate
 
@@ -68,6 +70,7 @@ def extract_block(gm: fx.GraphModule, start: str, consumer: str, arg: int) -> tu
         raise MLAFXError(f"per-layer check: the block ending at {consumer} is not one attention")
     graph, env = fx.Graph(), {}
     env[start_node] = graph.placeholder("hidden")
+    env[start_node].meta["val"] = start_node.meta["val"]  # its width sizes the test input
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and n in needed and n is not start_node]
     for node in inputs:
         env[node] = graph.placeholder(node.name)
@@ -82,28 +85,39 @@ def extract_block(gm: fx.GraphModule, start: str, consumer: str, arg: int) -> tu
     return graph, weights
 
 
+def layer_blocks(original: fx.GraphModule, rewritten: fx.GraphModule, site: MLASite,
+                 fetch64: Callable[[str], torch.Tensor], recipes: dict[str, Node]
+                 ) -> Iterator[fx.GraphModule]:
+    """The site's attention block cut out of the original graph, then of the rewritten one (made one at a time, so
+    one block's weights are held), float64 throughout, with its weights in float64: `block(hidden, *graph
+    inputs)`."""
+    nodes = {n.name: n for n in original.graph.nodes}
+    start = _block_input(nodes[site.labels["latent"]])
+    consumer, arg = _block_output(nodes[site.attention])
+    for gm in (original, rewritten):
+        graph, weights = extract_block(gm, start.name, consumer.name, arg)
+        graph_in_float64(graph)  # the structure is captured in the model's dtype, with its casts
+        yield fx.GraphModule({w: evaluate(recipes[w], fetch64, float64=True) if w in recipes else fetch64(w)
+                              for w in weights}, graph)
+
+
 def check_layers(original: fx.GraphModule, rewritten: fx.GraphModule, sites: list[MLASite],
                  fetch64: Callable[[str], torch.Tensor], recipes: dict[str, Node], example: torch.Tensor,
                  progress: Callable[[range], object] | None = None) -> list[Comparison]:
     """One float64 comparison per site. `fetch64(name)`: an original weight or buffer in float64; `recipes`:
     the new weights' recipes; `example`: input ids (the blocks read only their shape)."""
-    nodes = {n.name: n for n in original.graph.nodes}
     out = []
     layers = range(len(sites)) if progress is None else progress(range(len(sites)))
     for i in layers:
         site = sites[i]
-        start = _block_input(nodes[site.labels["latent"]])
-        consumer, arg = _block_output(nodes[site.attention])
         results = []
-        gen = torch.Generator().manual_seed(i)
-        width = int(start.meta["val"].shape[-1])
-        hidden = torch.randn(*example.shape, width, generator=gen, dtype=torch.float64)
-        for gm in (original, rewritten):
-            graph, weights = extract_block(gm, start.name, consumer.name, arg)
-            block = fx.GraphModule({w: evaluate(recipes[w], fetch64, float64=True) if w in recipes else fetch64(w)
-                                    for w in weights}, graph)
+        for block in layer_blocks(original, rewritten, site, fetch64, recipes):
+            if not results:
+                width = int(next(iter(block.graph.nodes)).meta["val"].shape[-1])
+                hidden = torch.randn(*example.shape, width, generator=torch.Generator().manual_seed(i),
+                                     dtype=torch.float64)
             n_inputs = sum(1 for n in block.graph.nodes if n.op == "placeholder") - 1
-            with torch.no_grad(), true_float64(torch.float64):
+            with torch.no_grad():
                 results.append(block(hidden, *([example] * n_inputs)))
             del block
         out.append(compare(f"attention[layer {i} {site.module or site.attention} float64]", results[0], results[1],

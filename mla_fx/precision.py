@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
+from torch import fx
 from torch.overrides import TorchFunctionMode
 
 _CASTS = (torch.Tensor.to, torch.Tensor.type, torch.Tensor.new_empty, torch.Tensor.new_zeros,
@@ -43,6 +44,22 @@ def true_float64(dtype: torch.dtype) -> Iterator[None]:
         return
     with Float32AsFloat64():
         yield
+
+
+def graph_in_float64(graph: fx.Graph) -> fx.Graph:
+    """A captured graph made float64 throughout: a graph captured in bfloat16 carries its casts as constants
+    (RMSNorm's `.to(float32)` and back `.to(bfloat16)`, rotary cos/sin cast to the model's dtype); every floating
+    dtype its nodes name becomes float64, so the graph run on float64 weights rounds nowhere else. In place."""
+
+    def widen(value):
+        if isinstance(value, torch.dtype) and value.is_floating_point:
+            return torch.float64
+        return value
+
+    for node in graph.nodes:
+        node.args = fx.node.map_aggregate(node.args, widen)
+        node.kwargs = fx.node.map_aggregate(node.kwargs, widen)
+    return graph
 
 
 def in_dtype(fn: Callable, dtype: torch.dtype) -> Callable:

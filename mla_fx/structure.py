@@ -106,9 +106,9 @@ def capture_structure(checkpoint: Checkpoint, dtype: torch.dtype | None = None) 
         raise LoadError(f"{checkpoint.directory}: transformers cannot read config.json: {e}") from e
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config  # the structure is built unquantized; FP8 weights are read by mla-fx
-    with parameters_on_meta():
-        model, choice = transformers_loading.from_config(config)
-    wrapper = CausalLMLogits(model.to(dtype)).eval()
+    with parameters_on_meta():  # built in `dtype` as from_pretrained builds it: float32 buffers stay float32
+        model, choice = transformers_loading.from_config(config, dtype)
+    wrapper = CausalLMLogits(model).eval()
     buffers = _non_persistent_buffers(wrapper)
     wrapper.to("meta")
     cfg = choice.config

@@ -91,11 +91,12 @@ def _with_attention(build, cls: type):
     raise LoadError(f"{cls.__name__} supports none of the attention implementations {ATTENTION}")
 
 
-def from_config(config) -> tuple[nn.Module, ModelChoice]:
-    """A model with random weights from a transformers config."""
+def from_config(config, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, ModelChoice]:
+    """A model with random weights from a transformers config, its parameters in `dtype`; buffers the model makes
+    in float32 (RoPE's `inv_freq`) stay float32, as `from_pretrained(dtype=...)` leaves them."""
     choice = choose_class(config)
     model = _with_attention(lambda impl: choice.cls._from_config(
-        choice.config, attn_implementation=impl, experts_implementation=EXPERTS, dtype=torch.float32), choice.cls)
+        choice.config, attn_implementation=impl, experts_implementation=EXPERTS, dtype=dtype), choice.cls)
     return model.eval(), choice
 
 
