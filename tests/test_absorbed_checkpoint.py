@@ -121,6 +121,43 @@ def test_layer_check_catches_a_wrong_weight(folders):
     assert first.passed and not second.passed and second.rel_l2 > 1e-4
 
 
+def test_layer_blocks_compute_in_float64_throughout(tmp_path):
+    """A bf16 checkpoint's structure carries its casts (RMSNorm to float32 and back to bf16, rotary cos/sin in
+    bf16); the per-layer check must not round there: layer 0's original block, on HF's own input to the attention,
+    equals HF's attention computed in float64, to float64 rounding."""
+    from mla_fx import transformers_loading
+    from mla_fx.layer_check import layer_blocks
+    from mla_fx.models.wrappers import CausalLMLogits
+    from mla_fx.precision import true_float64
+
+    src = tmp_path / "bf16"
+    hf.save_checkpoint("deepseek_v3", src, dtype=torch.bfloat16)
+    plan = plan_absorb(Checkpoint(src), AbsorbConfig("reassociate"))
+    assert plan.structure.dtype == torch.bfloat16
+    with transformers_loading.quiet_loading():
+        model = transformers_loading.from_pretrained(src, dtype=torch.float64)[0].eval()
+    seen = {}
+    attention = model.model.layers[0].self_attn
+    attention.register_forward_hook(lambda m, args, kwargs, out: seen.update(h=kwargs["hidden_states"], out=out[0]),
+                                    with_kwargs=True)
+    x = ids(17)
+    with torch.no_grad(), true_float64(torch.float64):
+        CausalLMLogits(model)(x)
+    ckpt = plan.checkpoint
+
+    def fetch64(name):
+        if name in plan.structure.buffers:
+            return plan.structure.buffers[name].double()
+        return ckpt.tensor(plan.structure.checkpoint_key(name, ckpt), torch.float64)
+
+    original, _ = layer_blocks(plan.structure.graph, plan.result.gm, plan.result.sites[0], fetch64,
+                               {w.name: w.recipe for w in plan.new})
+    with torch.no_grad():
+        got = original(seen["h"], *[x] * (len(original.graph.find_nodes(op="placeholder")) - 1))
+    assert got.dtype == torch.float64
+    assert ((got - seen["out"]).norm() / seen["out"].norm()).item() < 1e-12
+
+
 def test_absorb_to_a_folder_refuses_what_it_cannot_stream(tmp_path, capsys):
     assert main(["absorb", "zoo:deepseek_v3", "-o", str(tmp_path / "out"), "-q"]) == 1
     assert "needs MODEL to be a HF safetensors directory" in capsys.readouterr().err
