@@ -1,10 +1,11 @@
 """Absorb a checkpoint of any size: passes on the structure, weights streamed shard by shard.
 
     plan_absorb:     capture with meta weights -> absorb pipeline (recording each new weight's recipe)
-    write_absorbed:  input shards, memory-mapped, one tensor at a time -> output shards:
-                     tensors the rewritten program still reads are copied as stored (FP8 stays FP8 with its
-                     scales), tensors it no longer reads are dropped, new weights are computed from their
-                     sources (FP8 sources dequantized) and written in the model's dtype.
+    write_absorbed:  input shards -> output shards, in a background thread while the rewritten program is
+                     saved and every layer is checked: tensors the rewritten program still reads are copied as
+                     stored by the kernel, byte for byte (FP8 stays FP8 with its scales; :mod:`mla_fx.shards`),
+                     tensors it no longer reads are dropped, new weights are computed from their sources (FP8
+                     sources dequantized) and written in the model's dtype.
 
 The output folder is a checkpoint: config.json and the other small files of the input, safetensors shards
 with an index, `program.pt2` (the rewritten program, its weights on meta) and `mla_fx.json` (what was
@@ -15,34 +16,29 @@ rewritten, each new weight's formula and sources, the dropped tensors, dtype cha
 from __future__ import annotations
 
 import json
-import os
 import shutil
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from mla_fx.absorb import AbsorbConfig, AbsorbResult, absorb, to_program
 from mla_fx.checkpoint import INDEX, Checkpoint
 from mla_fx.errors import MLAFXError
-from mla_fx.outputs import atomic_directory
+from mla_fx.outputs import atomic_directory, permissions
+from mla_fx.shards import ShardWriter, stored_tensors
 from mla_fx.structure import Structure, capture_structure, run_on_cpu
 from mla_fx.weight_recipes import Node, RecordTransforms, Source, describe, evaluate, recipe_of, sources
 
 FORMAT = "mla-fx-absorbed-checkpoint/1"
 MANIFEST = "mla_fx.json"
 PROGRAM = "program.pt2"
-SHARD_BYTES = 2 << 30  # output shards are cut at this size, so memory holds one shard at most
+SHARD_BYTES = 2 << 30  # output shards are cut at this size
 SKIP_FILES = (".safetensors", ".bin", ".pt", ".pth", ".pt2")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -135,45 +131,6 @@ def plan_absorb(checkpoint: Checkpoint, config: AbsorbConfig, dtype: torch.dtype
     return AbsorbPlan(checkpoint, structure, result, graph_keys, new, dropped)
 
 
-class _ShardWriter:
-    """Output shards of at most SHARD_BYTES, then their index (HF's sharded format)."""
-
-    def __init__(self, folder: Path, metadata: dict[str, str], shard_bytes: int = SHARD_BYTES):
-        self.folder, self.metadata, self.shard_bytes = folder, metadata, shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes, self.files, self.weight_map = 0, [], {}
-
-    def add(self, key: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.shard_bytes:
-            self.flush()
-        self.pending[key] = tensor.contiguous()
-        self.pending_bytes += size
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        name = f"model-{len(self.files) + 1:05d}.safetensors"
-        save_file(self.pending, str(self.folder / name), metadata=self.metadata)
-        os.chmod(self.folder / name, 0o666 & ~_umask())
-        self.files.append(name)
-        self.weight_map.update(dict.fromkeys(self.pending, name))
-        self.pending, self.pending_bytes = {}, 0
-
-    def finish(self) -> None:
-        self.flush()
-        n = len(self.files)
-        renamed = {}
-        for i, name in enumerate(self.files, 1):
-            final = f"model-{i:05d}-of-{n:05d}.safetensors"
-            (self.folder / name).rename(self.folder / final)
-            renamed[name] = final
-        total = sum((self.folder / f).stat().st_size for f in renamed.values())
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {k: renamed[v] for k, v in sorted(self.weight_map.items())}}
-        (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-
 def _save_program(plan: AbsorbPlan, path: Path) -> None:
     """The rewritten program with its weights on meta; the buffers no checkpoint holds keep their values."""
     program = to_program(plan.result.gm, plan.structure.example(), max_seq=plan.structure.max_seq)
@@ -186,33 +143,55 @@ def _save_program(plan: AbsorbPlan, path: Path) -> None:
     torch.export.save(program, path)
 
 
-def write_absorbed(plan: AbsorbPlan, out: Path, progress: Callable[[str], None], quiet: bool = False,
-                   before_commit: Callable[[Path], None] | None = None, shard_bytes: int = SHARD_BYTES) -> None:
-    """Stream the checkpoint into `out` (all or nothing); `before_commit(folder)` checks the finished folder."""
-    from tqdm import tqdm
-
-    ckpt = plan.checkpoint
-    dropped = set(plan.dropped)
+def _stream_shards(plan: AbsorbPlan, writer: ShardWriter, bar, stop: threading.Event) -> None:
+    """Every input shard, one tensor at a time, into `writer`: kept tensors as stored, dropped ones skipped, new
+    weights computed when the shard holding their first source has passed. Returns early once `stop` is set."""
+    ckpt, dropped = plan.checkpoint, set(plan.dropped)
     new_by_shard: dict[str, list[NewWeight]] = {}
     for w in plan.new:
         new_by_shard.setdefault(ckpt.shard_of[w.sources[0]], []).append(w)
+    fetch = plan.fetch()
+    for shard in ckpt.shards:
+        for key, stored in stored_tensors(ckpt.directory / shard):
+            if stop.is_set():
+                return
+            if key not in dropped:
+                writer.add(key, stored)  # copied as stored, byte for byte
+        for w in new_by_shard.get(shard, []):
+            writer.add(w.key, evaluate(w.recipe, fetch))
+        bar.update((ckpt.directory / shard).stat().st_size)
+    writer.flush()
+
+
+def write_absorbed(plan: AbsorbPlan, out: Path, progress: Callable[[str], None], quiet: bool = False,
+                   alongside: Callable[[], None] | None = None,
+                   before_commit: Callable[[Path], None] | None = None, shard_bytes: int = SHARD_BYTES) -> None:
+    """Stream the checkpoint into `out` (all or nothing). The shards stream in a background thread (their reads
+    and writes release the GIL) while this thread writes the rewritten program and runs `alongside()` (the
+    per-layer checks): an exception from either side stops both and nothing is written. `before_commit(folder)`
+    checks the finished folder."""
+    from tqdm import tqdm
+
+    ckpt = plan.checkpoint
     with atomic_directory(out, MANIFEST, "absorbed checkpoint") as tmp:
         for f in sorted(ckpt.directory.iterdir()):
             if f.is_file() and not f.name.endswith(SKIP_FILES) and f.name not in (INDEX, MANIFEST):
                 shutil.copy2(f, tmp / f.name)
-        progress(f"writing the rewritten program ({PROGRAM})")
-        _save_program(plan, tmp / PROGRAM)
-        writer = _ShardWriter(tmp, {"format": "pt", "written_by": "mla-fx"}, shard_bytes)
-        fetch = plan.fetch()
-        bar = tqdm(total=ckpt.nbytes(), unit="B", unit_scale=True, desc="absorb: shards", disable=quiet)
-        with bar:
-            for shard in ckpt.shards:
-                for key, tensor in ckpt.iter_shard(shard):
-                    if key not in dropped:
-                        writer.add(key, tensor)
-                for w in new_by_shard.get(shard, []):
-                    writer.add(w.key, evaluate(w.recipe, fetch))
-                bar.update((ckpt.directory / shard).stat().st_size)
+        stop = threading.Event()
+        writer = ShardWriter(tmp, INDEX, {"format": "pt", "written_by": "mla-fx"}, shard_bytes,
+                             permissions(directory=False), stop)
+        with tqdm(total=ckpt.nbytes(), unit="B", unit_scale=True, desc="absorb: shards", disable=quiet) as bar, \
+                ThreadPoolExecutor(1, thread_name_prefix="mla-fx-shards") as pool:
+            streaming = pool.submit(_stream_shards, plan, writer, bar, stop)
+            try:
+                progress(f"writing the rewritten program ({PROGRAM}) while the shards stream")
+                _save_program(plan, tmp / PROGRAM)
+                if alongside is not None:
+                    alongside()
+                streaming.result()
+            except BaseException:
+                stop.set()  # the pool's exit waits for the thread, which stops at its next tensor
+                raise
         writer.finish()
         (tmp / MANIFEST).write_text(json.dumps(plan.manifest(), indent=2) + "\n")
         if before_commit is not None:

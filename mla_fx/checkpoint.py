@@ -8,7 +8,6 @@ FP8 format: float8_e4m3fn weights with a float32 `weight_scale_inv` per block
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -17,15 +16,12 @@ import torch
 from safetensors import safe_open
 
 from mla_fx.errors import LoadError
+from mla_fx.shards import DTYPES
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 SCALE_SUFFIX = "_scale_inv"  # weight -> weight_scale_inv
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
-                       "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                       "BOOL": torch.bool}
 
 
 def dequantize_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
@@ -114,7 +110,7 @@ class Checkpoint:
     def raw_dtype(self, key: str) -> torch.dtype:
         """The dtype `key` is stored in, read from the shard's header."""
         with self._open(self.shard_of[key]) as f:
-            return _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype(), torch.uint8)
+            return DTYPES.get(f.get_slice(key).get_dtype(), torch.uint8)
 
     def keys(self) -> list[str]:
         return list(self.shard_of)
@@ -161,15 +157,6 @@ class Checkpoint:
 
     def nbytes(self) -> int:
         return sum((self.directory / s).stat().st_size for s in self.shards)
-
-    def iter_shard(self, shard: str) -> Iterator[tuple[str, torch.Tensor]]:
-        """(key, stored tensor) of one shard, in file order, one tensor read at a time; the file is mapped only
-        while a tensor is read, so the pages read do not stay in this process's resident memory."""
-        with self._open(shard) as f:
-            keys = list(f.keys())
-        for key in keys:
-            with self._open(shard) as f:
-                yield key, f.get_tensor(key)
 
     def resolve(self, module_key: str) -> str:
         """The checkpoint key of a module parameter: the same name, else the one key that ends like it from

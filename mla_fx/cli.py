@@ -298,12 +298,13 @@ def _absorb_checkpoint(args) -> int:
             raise CheckFailed(f"the rewrite does not match the original ({where}); {args.output} not written "
                               "(--force writes it anyway)")
 
-    verify = None
+    check_layers = verify = None
     if not args.no_check:
         from mla_fx.checkpoint_checks import end_to_end_check, layer_checks
 
-        progress("checking every layer's attention in float64 on its own weights")
-        judge(layer_checks(plan, args.quiet), "per layer")
+        def check_layers() -> None:
+            progress("checking every layer's attention in float64 on its own weights")
+            judge(layer_checks(plan, args.quiet), "per layer")
 
         def verify(folder: Path) -> None:
             progress("checking the written checkpoint end to end")
@@ -314,7 +315,7 @@ def _absorb_checkpoint(args) -> int:
             else:
                 judge(result, "end to end")
 
-    write_absorbed(plan, args.output, progress, quiet=args.quiet, before_commit=verify,
+    write_absorbed(plan, args.output, progress, quiet=args.quiet, alongside=check_layers, before_commit=verify,
                    shard_bytes=max(int(args.max_shard_size * 1e9), 1))
     if args.report is not None:
         save_report(plan.manifest(), args.report)

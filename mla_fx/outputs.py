@@ -15,7 +15,7 @@ from typing import Any
 from mla_fx.errors import LoadError, MLAFXError
 
 
-def _permissions(directory: bool) -> int:
+def permissions(directory: bool) -> int:
     """What a plain open()/mkdir() would give under the current umask (mkstemp/mkdtemp make 0600/0700)."""
     umask = os.umask(0)
     os.umask(umask)
@@ -53,7 +53,7 @@ def atomic_file(path: Path, write: Callable[[Path], None]) -> None:
         raise MLAFXError(f"cannot write {path}: {e.strerror or e}") from e
     try:
         write(Path(tmp))
-        os.chmod(tmp, _permissions(directory=False))
+        os.chmod(tmp, permissions(directory=False))
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
@@ -80,7 +80,7 @@ def atomic_directory(out: Path, manifest_name: str, what: str) -> Iterator[Path]
         raise MLAFXError(f"cannot write {out}: {e.strerror or e}") from e
     try:
         yield tmp
-        os.chmod(tmp, _permissions(directory=True))
+        os.chmod(tmp, permissions(directory=True))
         _replace_directory(tmp, out)
     except BaseException as e:
         shutil.rmtree(created or tmp, ignore_errors=True)
