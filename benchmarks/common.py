@@ -242,23 +242,17 @@ class Report:
 
 
 def export_step_onnx(programs, directory: Path):
-    """Export the step (decode) program alone to `directory`/step.onnx; weights as external data when large.
+    """Export the step (decode) program alone to `directory`/step.onnx, its weights beside it.
 
     Returns (path, onnx.ModelProto without weights loaded) so callers can read the cache inputs."""
-    import onnx
-
-    from mla_fx.export.onnx import EXTERNAL_DATA_BYTES, export_program
+    from mla_fx.export.onnx import export_program
+    from mla_fx.export.onnx_weights import save_models
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model = export_program(programs, "step", "custom")
-    path = directory / "step.onnx"
-    if model.ByteSize() > EXTERNAL_DATA_BYTES:
-        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="step.onnx.data", size_threshold=1024)
-    else:
-        onnx.save_model(model, path)
-    return path, model
+    save_models({"step": model}, directory)
+    return directory / "step.onnx", model
 
 
 def ort_session(path: Path, threads: int = THREADS):

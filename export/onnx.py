@@ -1,7 +1,8 @@
 """ONNX export of the inference programs: step.onnx and prefill.onnx plus a manifest, in one folder.
 
-`mla-fx export MODEL --onnx -o DIR`. Opset 23, dynamic batch / new tokens / cached tokens, weights as
-external data when large, inputs and outputs named like HF/optimum past_key_values:
+`mla-fx export MODEL --onnx -o DIR`. Opset 23, dynamic batch / new tokens / cached tokens, the weights of both
+programs in one external-data file (`weights.data`, each tensor once: :mod:`.onnx_weights`), inputs and outputs
+named like HF/optimum past_key_values:
 input_ids, position_ids, attention_mask, past_latent.{i} -> logits, present_latent.{i}.
 """
 
@@ -27,6 +28,7 @@ from mla_fx.passes.manager import run_passes
 
 from .latent_attention_onnx import DOMAIN, function_proto
 from .lower_latent_attention import lower_latent_attention
+from .onnx_weights import WEIGHTS, save_models
 
 # torch.onnx lists every optional op library it cannot find (torchvision, ...) on each export
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -35,7 +37,6 @@ OPSET = 23
 IR_VERSION = 10  # onnx 1.23 writes 14 by default; onnxruntime 1.31 reads at most 13
 MANIFEST = "mla_fx_export.json"
 FORMAT = "mla-fx-onnx/1"
-EXTERNAL_DATA_BYTES = 512 * 2**20  # weights beside the model above this (protobuf's limit is 2 GiB)
 ONNX_ELEM_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
                    onnx.TensorProto.DOUBLE: 8}
 
@@ -81,17 +82,6 @@ def cache_report(model: onnx.ModelProto, programs: InferencePrograms) -> list[di
     return rows
 
 
-def _save(model: onnx.ModelProto, path: Path) -> None:
-    large = model.ByteSize() > EXTERNAL_DATA_BYTES
-    if large:
-        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{path.name}.data", size_threshold=1024)
-        onnx.checker.check_model(str(path))
-    else:
-        onnx.checker.check_model(model)
-        onnx.save_model(model, path)
-
-
 def export_onnx(programs: InferencePrograms, out: Path, *, attention: str = "custom", opset: int = OPSET,
                 model_name: str = "", tokenizer: str | None = None, progress=None,
                 verify: Callable[[Path], None] | None = None) -> dict[str, Any]:
@@ -104,9 +94,8 @@ def export_onnx(programs: InferencePrograms, out: Path, *, attention: str = "cus
         for name in ("step", "prefill"):
             if progress:
                 progress(f"exporting the {name} program to ONNX (opset {opset}, attention {attention})")
-            model = export_program(programs, name, attention, opset)
-            _save(model, tmp / f"{name}.onnx")
-            files[name] = model
+            files[name] = export_program(programs, name, attention, opset)
+        weights = save_models(files, tmp)
         manifest = {
             "format": FORMAT, "model": model_name, "opset": opset, "attention": attention,
             "dtype": str(programs.dtype).removeprefix("torch."), "vocab_size": programs.vocab_size,
@@ -114,6 +103,7 @@ def export_onnx(programs: InferencePrograms, out: Path, *, attention: str = "cus
             "programs": {name: {"file": f"{name}.onnx", "inputs": programs.input_names(name),
                                 "outputs": programs.output_names()} for name in files},
             "layers": [{"latent_dim": s.spec.latent_dim, "spec": s.spec.to_dict()} for s in programs.sites],
+            "weights": {"file": WEIGHTS, **weights},
             "cache_bytes_per_token": cache_report(files["step"], programs),
             "crossover_tokens": programs.stats.get("crossover_tokens"),
         }

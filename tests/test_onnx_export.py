@@ -134,3 +134,29 @@ def test_empty_past_and_single_token_steps_run(tmp_path_factory):
         (1, 3, d) for d in backend.latent_dims]
     ref = loaded.reference()(torch.from_numpy(ids)).detach().numpy()
     np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_step_and_prefill_share_one_copy_of_the_weights(tmp_path_factory):
+    """Every large weight is external data in weights.data, stored once: what both programs read (embeddings,
+    projections, experts, lm_head) is one range read by both; only the weights the absorption changes differ."""
+    from mla_fx.export.onnx_weights import INLINE_BYTES, WEIGHTS
+
+    loaded, _, folder, manifest = exported("deepseek_v3", tmp_path_factory)
+    ranges = {}
+    for name in ("step", "prefill"):
+        model = onnx.load(folder / f"{name}.onnx", load_external_data=False)
+        external = {t.name: {e.key: e.value for e in t.external_data} for t in model.graph.initializer
+                    if t.data_location == onnx.TensorProto.EXTERNAL}
+        assert {e["location"] for e in external.values()} == {WEIGHTS}
+        assert all(len(t.raw_data) <= INLINE_BYTES for t in model.graph.initializer
+                   if t.data_location != onnx.TensorProto.EXTERNAL)
+        ranges[name] = {(int(e["offset"]), int(e["length"])) for e in external.values()}
+    shared = ranges["step"] & ranges["prefill"]
+    assert sum(n for _, n in shared) == manifest["weights"]["shared"] > 0
+    assert (folder / WEIGHTS).stat().st_size == manifest["weights"]["weights"]
+    assert manifest["weights"]["weights"] < sum(n for r in ranges.values() for _, n in r)  # one copy, not two
+    (embedding,) = [t for t in onnx.load(folder / "step.onnx").graph.initializer
+                    if t.name == "model.model.embed_tokens.weight"]
+    weights = dict(loaded.module.named_parameters())
+    assert np.array_equal(onnx.numpy_helper.to_array(embedding, base_dir=str(folder)),
+                          weights["model.model.embed_tokens.weight"].detach().numpy())
