@@ -40,7 +40,7 @@ FP8_BLOCK = 128
 def sizes(quick: bool) -> list[str]:
     if quick:
         return ["v2lite:1", "v2lite:2"]
-    return ["v2lite:1", "v2lite:4", "v2lite:8", "v2lite:27", "v2lite-fp8:4", "v3-fp8:1", "v3-fp8:2"]
+    return ["v2lite:1", "v2lite:4", "v2lite:8", "v2lite:16", "v2lite:27", "v2lite-fp8:4", "v3-fp8:1", "v3-fp8:2"]
 
 
 def parse_size(text: str) -> tuple[str, bool, int]:
@@ -199,6 +199,29 @@ def measure(size: str, scratch: Path) -> dict:
     shutil.rmtree(src, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
     return row
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """Issue 11's aims, checked against the measured rows."""
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append(f"- absorb of {r['checkpoint']}: FAILED ({r['error'].splitlines()[-1]})")
+    full = [r for r in rows if r["checkpoint"] == f"v2lite:{V2_LITE['num_hidden_layers']}" and "absorb_s" in r]
+    if full:
+        r = full[0]
+        lines.append(f"- full-size V2-Lite absorbed with peak RSS <= 6 GB: {r['peak_GB']:.2f} GB "
+                     f"({'met' if r['peak_GB'] <= 6 else 'NOT met'})")
+        lines.append(f"- full-size V2-Lite absorb <= 3x the I/O floor: {r['absorb_over_floor']:.2f}x "
+                     f"({'met' if r['absorb_over_floor'] <= 3 else 'NOT met'})")
+    else:
+        lines.append("- full-size V2-Lite: not measured in this run")
+    per_layer = [r["absorb_s_per_layer"] for r in rows if r.get("absorb_s") and r["checkpoint"].startswith("v2lite:")
+                 and r["layers"] >= 4]
+    if len(per_layer) >= 2:
+        lines.append(f"- time linear in layers: V2-Lite seconds per layer {min(per_layer):.2f}..{max(per_layer):.2f} "
+                     "from 4 layers up")
+    return lines
 
 
 def run(out: Path, quick: bool = False, only: list[str] | None = None, scratch: Path | None = None) -> Report:

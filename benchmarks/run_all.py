@@ -2,8 +2,10 @@
 
     python -m benchmarks.run_all [--quick] [--out DIR] [--only NAME,...]
 
-Benchmarks: roofline, cache_size, decode_cpu, prefill_crossover, passes_scale (see each module).
---quick takes about a minute on a quiet 2-core machine; the full suite under 15 minutes.
+Benchmarks: roofline, cache_size, decode_cpu, prefill_crossover, passes_scale (see each module); these run by
+default: --quick takes about a minute on a quiet 2-core machine, the full set under 15 minutes.
+checkpoint_scale runs when named (--only checkpoint_scale): it writes real-size checkpoints (tens of GB of disk)
+and takes about an hour; --quick makes it two small V2-Lite cuts.
 GPU measurements are not part of this suite (it says so): the kernel's are python -m benchmarks.kernel_gpu.
 """
 
@@ -14,10 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-from . import cache_size, decode_cpu, passes_scale, prefill_crossover, roofline
+from . import cache_size, checkpoint_scale, decode_cpu, passes_scale, prefill_crossover, roofline
 from .common import DEFAULT_OUT, machine, machine_line, setup_threads, v3_model_and_programs
 
-NAMES = ("roofline", "cache_size", "decode_cpu", "prefill_crossover", "passes_scale")
+NAMES = ("roofline", "cache_size", "decode_cpu", "prefill_crossover", "passes_scale", "checkpoint_scale")
+DEFAULT = NAMES[:-1]  # checkpoint_scale writes tens of GB: only when named
 
 
 def gpu_note() -> str:
@@ -60,7 +63,8 @@ def main(argv=None, prog: str = "python -m benchmarks.run_all") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a smaller grid, about a minute")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    p.add_argument("--only", default=",".join(NAMES), help=f"comma-separated subset of {','.join(NAMES)}")
+    p.add_argument("--only", default=",".join(DEFAULT),
+                   help=f"comma-separated subset of {','.join(NAMES)} (default: all but checkpoint_scale)")
     a = p.parse_args(argv)
     only = [n.strip() for n in a.only.split(",") if n.strip()]
     unknown = sorted(set(only) - set(NAMES))
@@ -74,7 +78,7 @@ def main(argv=None, prog: str = "python -m benchmarks.run_all") -> int:
     info = machine()
     print(f"mla-fx benchmarks ({'quick' if a.quick else 'full'}) on {machine_line(info)}\n{gpu_note()}\n", flush=True)
 
-    sections, timings, mach, decode_rows = [], {}, None, []
+    sections, timings, mach, decode_rows, goal = [], {}, None, [], []
     for name in NAMES:
         if name not in only:
             continue
@@ -87,6 +91,9 @@ def main(argv=None, prog: str = "python -m benchmarks.run_all") -> int:
         elif name == "passes_scale":
             v3_model_and_programs.cache_clear()  # the children need the memory
             report = passes_scale.run(a.out, a.quick)
+        elif name == "checkpoint_scale":
+            report = checkpoint_scale.run(a.out, a.quick)
+            goal += checkpoint_scale.targets(report.rows)
         else:
             report = {"cache_size": cache_size, "prefill_crossover": prefill_crossover}[name].run(a.out, a.quick)
         timings[name] = time.perf_counter() - t0
@@ -94,9 +101,9 @@ def main(argv=None, prog: str = "python -m benchmarks.run_all") -> int:
     total = time.perf_counter() - start
 
     command = "python -m benchmarks.run_all" + (" --quick" if a.quick else "")
-    if set(only) != set(NAMES):
+    if set(only) != set(DEFAULT):
         command += f" --only {','.join(only)}"
-    goal = targets(decode_rows) if decode_rows else []
+    goal = (targets(decode_rows) if decode_rows else []) + goal
     summary = [f"# mla-fx benchmarks ({'quick' if a.quick else 'full'})", "",
                f"command: `{command}`  ", f"machine: {machine_line(info)}  ",
                f"total time: {total:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})", "",
