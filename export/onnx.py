@@ -22,9 +22,10 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from mla_fx.errors import MLAFXError
 from mla_fx.inference import InferencePrograms
-from mla_fx.outputs import atomic_directory, read_manifest
+from mla_fx.outputs import atomic_directory
 from mla_fx.passes.lower_complex import lower_complex
 from mla_fx.passes.manager import run_passes
+from mla_fx.products import ONNX_FORMAT, ONNX_MANIFEST, past_name
 
 from .latent_attention_onnx import DOMAIN, function_proto
 from .lower_latent_attention import lower_latent_attention
@@ -35,8 +36,6 @@ logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(loggin
 
 OPSET = 23
 IR_VERSION = 10  # onnx 1.23 writes 14 by default; onnxruntime 1.31 reads at most 13
-MANIFEST = "mla_fx_export.json"
-FORMAT = "mla-fx-onnx/1"
 ONNX_ELEM_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
                    onnx.TensorProto.DOUBLE: 8}
 
@@ -73,7 +72,7 @@ def cache_report(model: onnx.ModelProto, programs: InferencePrograms) -> list[di
     rows = []
     inputs = {i.name: i for i in model.graph.input}
     for i, site in enumerate(programs.sites):
-        t = inputs[f"past_latent.{i}"].type.tensor_type
+        t = inputs[past_name(i)].type.tensor_type
         width, elem = t.shape.dim[-1].dim_value, ONNX_ELEM_BYTES[t.elem_type]
         values = site.spec.cache_values_per_token()
         rows.append({"layer": i, "latent_values": width, "latent_bytes": width * elem,
@@ -89,7 +88,7 @@ def export_onnx(programs: InferencePrograms, out: Path, *, attention: str = "cus
 
     `verify(folder)` runs on the finished export before it replaces `out`; if it raises, nothing is
     written and an earlier export at `out` stays."""
-    with atomic_directory(Path(out), MANIFEST, "mla-fx ONNX export") as tmp:
+    with atomic_directory(Path(out), ONNX_MANIFEST, "mla-fx ONNX export") as tmp:
         files = {}
         for name in ("step", "prefill"):
             if progress:
@@ -97,7 +96,7 @@ def export_onnx(programs: InferencePrograms, out: Path, *, attention: str = "cus
             files[name] = export_program(programs, name, attention, opset)
         weights = save_models(files, tmp)
         manifest = {
-            "format": FORMAT, "model": model_name, "opset": opset, "attention": attention,
+            "format": ONNX_FORMAT, "model": model_name, "opset": opset, "attention": attention,
             "dtype": str(programs.dtype).removeprefix("torch."), "vocab_size": programs.vocab_size,
             "max_seq": programs.max_seq, "mode": programs.mode, "tokenizer": tokenizer,
             "programs": {name: {"file": f"{name}.onnx", "inputs": programs.input_names(name),
@@ -107,11 +106,7 @@ def export_onnx(programs: InferencePrograms, out: Path, *, attention: str = "cus
             "cache_bytes_per_token": cache_report(files["step"], programs),
             "crossover_tokens": programs.stats.get("crossover_tokens"),
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / ONNX_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if verify is not None:
             verify(tmp)
     return manifest
-
-
-def read_export_manifest(directory: Path) -> dict[str, Any]:
-    return read_manifest(directory, MANIFEST, FORMAT, "mla-fx ONNX export", "mla-fx export MODEL --onnx -o DIR")

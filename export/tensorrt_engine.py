@@ -15,13 +15,11 @@ from typing import Any
 
 from mla_fx.errors import MLAFXError
 from mla_fx.outputs import atomic_directory
+from mla_fx.products import ENGINE_FORMAT, ENGINE_MANIFEST, past_name, read_onnx_manifest
 
 from . import tensorrt_plugin
-from .onnx import read_export_manifest
 from .tensorrt_plugin import TRT_MESSAGE, register_plugin, require_aot_compiler, require_tensorrt
 
-MANIFEST = "mla_fx_tensorrt.json"
-FORMAT = "mla-fx-tensorrt/1"
 IMPLEMENTATIONS = {"aot": "PREFER_AOT_PYTHON_PLUGINS", "jit": "PREFER_JIT_PYTHON_PLUGINS"}
 STEP_NEW_TOKENS = 1
 
@@ -80,7 +78,7 @@ def profiles(manifest: dict[str, Any], *, max_batch: int, max_new_tokens: int, m
                             for name in ("input_ids", "position_ids")}
     step["attention_mask"] = tuple((b[k], past[k] + STEP_NEW_TOKENS) for k in range(3))
     for i, width in enumerate(widths):
-        step[f"past_latent.{i}"] = tuple((b[k], past[k], width) for k in range(3))
+        step[past_name(i)] = tuple((b[k], past[k], width) for k in range(3))
     return {"step": step, "prefill": prefill}
 
 
@@ -129,14 +127,14 @@ def build_engines(onnx_dir: Path, out_dir: Path, *, max_batch: int, max_new_toke
         ptx_version = tensorrt_plugin.kernel_options["ptx_version"] = plugin_ptx_version(ptx_version)
         ptx = ptx_text(ptx_version)
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
-    source = read_export_manifest(onnx_dir)
+    source = read_onnx_manifest(onnx_dir)
     if dtype is not None and dtype != source["dtype"]:
         raise MLAFXError(f"{onnx_dir} was exported in {source['dtype']}; a strongly typed TensorRT network keeps "
                          f"the export's types: re-export with --dtype {dtype}")
     shapes = profiles(source, max_batch=max_batch, max_new_tokens=max_new_tokens, max_cache=max_cache)
     register_plugin()
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
-    with atomic_directory(out_dir, MANIFEST, "mla-fx TensorRT folder") as tmp:
+    with atomic_directory(out_dir, ENGINE_MANIFEST, "mla-fx TensorRT folder") as tmp:
         programs = {}
         for name, program in source["programs"].items():
             if progress:
@@ -148,7 +146,7 @@ def build_engines(onnx_dir: Path, out_dir: Path, *, max_batch: int, max_new_toke
         import torch
 
         manifest = {
-            "format": FORMAT, "model": source.get("model", ""), "dtype": source["dtype"],
+            "format": ENGINE_FORMAT, "model": source.get("model", ""), "dtype": source["dtype"],
             "vocab_size": source["vocab_size"], "max_seq": source["max_seq"], "layers": source["layers"],
             "tokenizer": source.get("tokenizer"), "implementation": implementation,
             "limits": {"max_batch": max_batch, "max_new_tokens": max_new_tokens, "max_cache": max_cache,
@@ -157,7 +155,7 @@ def build_engines(onnx_dir: Path, out_dir: Path, *, max_batch: int, max_new_toke
             "ptx_version": ptx,
             "compute_capability": list(torch.cuda.get_device_capability()), "programs": programs,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / ENGINE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if verify is not None:
             verify(tmp)
     return manifest

@@ -362,7 +362,7 @@ def cmd_check(args) -> int:
     if args.trt is not None:  # before the model loads: say what is missing, or what the folder is not
         from mla_fx.export.tensorrt_engine import require_cuda
         from mla_fx.export.tensorrt_plugin import require_tensorrt
-        from mla_fx.trt_backend import read_engine_manifest
+        from mla_fx.products import read_engine_manifest
 
         require_tensorrt()
         require_cuda()
@@ -507,9 +507,9 @@ def _export_trt(args, loaded, programs, tokenizer, progress) -> int:
 
 def _open_backend(directory: Path, provider: str = "auto"):
     """An ONNX export runs in ONNX Runtime, a TensorRT folder in TensorRT."""
-    from mla_fx.export.tensorrt_engine import MANIFEST as TRT_MANIFEST
+    from mla_fx.products import ENGINE_MANIFEST
 
-    if (Path(directory) / TRT_MANIFEST).is_file():
+    if (Path(directory) / ENGINE_MANIFEST).is_file():
         from mla_fx.trt_backend import TensorRTBackend
 
         return TensorRTBackend(directory)

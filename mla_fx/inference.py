@@ -20,9 +20,8 @@ from mla_fx.passes.add_prefill_cache import add_prefill_cache
 from mla_fx.passes.capture import capture
 from mla_fx.passes.find_mla_sites import MLASite, selects_keys
 from mla_fx.passes.manager import run_passes
+from mla_fx.products import input_names, output_names
 
-STEP_INPUTS = ("input_ids", "position_ids", "attention_mask")
-PREFILL_INPUTS = ("input_ids", "position_ids", "attention_mask")
 # layer kinds of hybrid models whose state is not a KV cache (a recurrent state, convolution windows)
 STATEFUL_LAYERS = ("linear_attention", "mamba", "conv")
 EXAMPLE_BATCH, EXAMPLE_NEW, EXAMPLE_PAST = 2, 3, 5  # distinct, so no size is mistaken for another
@@ -59,11 +58,10 @@ class InferencePrograms:
         return ids, positions - positions[:, :1], mask
 
     def input_names(self, program: str) -> list[str]:
-        base = list(STEP_INPUTS)
-        return base + [f"past_latent.{i}" for i in range(len(self.sites))] if program == "step" else base
+        return input_names(program, len(self.sites))
 
     def output_names(self) -> list[str]:
-        return ["logits"] + [f"present_latent.{i}" for i in range(len(self.sites))]
+        return output_names(len(self.sites))
 
 
 def positional_example(loaded: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:

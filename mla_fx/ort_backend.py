@@ -7,10 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mla_fx.errors import LoadError, MLAFXError, require
-from mla_fx.export.onnx import read_export_manifest
-
-NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
+from mla_fx.errors import LoadError, require
+from mla_fx.products import NUMPY_DTYPES, check_feeds, feeds, read_onnx_manifest
 
 
 def default_providers(ort) -> list[str]:
@@ -36,7 +34,7 @@ class OnnxBackend:
     def __init__(self, directory: str | Path, providers: Sequence[str] | None = None):
         ort = require("onnxruntime", None, "Running an ONNX export")
         self.directory = Path(directory)
-        self.manifest = read_export_manifest(self.directory)
+        self.manifest = read_onnx_manifest(self.directory)
         missing = [k for k in ("dtype", "vocab_size", "programs", "layers") if k not in self.manifest]
         if missing or not all(isinstance(layer, dict) and "latent_dim" in layer for layer in self.manifest["layers"]):
             raise LoadError(f"{self.directory}: the manifest lacks {', '.join(missing) or 'layers[].latent_dim'}; "
@@ -66,28 +64,7 @@ class OnnxBackend:
             self.sessions[name] = session
 
     def _check(self, input_ids, position_ids, attention_mask, past: Sequence[np.ndarray] = ()) -> None:
-        def need(cond: bool, message: str) -> None:
-            if not cond:
-                raise MLAFXError(message)
-
-        for name, a in (("input_ids", input_ids), ("position_ids", position_ids), ("attention_mask", attention_mask)):
-            need(isinstance(a, np.ndarray) and a.ndim == 2, f"{name} must be a 2-D array [batch, tokens], "
-                 f"got shape {getattr(a, 'shape', None)}")
-            need(a.dtype == np.int64, f"{name} must be int64, got {a.dtype}")
-        b, s = input_ids.shape
-        need(position_ids.shape == (b, s), f"position_ids {position_ids.shape} must match input_ids {(b, s)}")
-        need(len(past) in (0, len(self.latent_dims)), f"expected {len(self.latent_dims)} past_latent arrays, "
-             f"got {len(past)}")
-        past_len = past[0].shape[1] if past else 0
-        for i, (p, width) in enumerate(zip(past, self.latent_dims, strict=False)):
-            need(p.ndim == 3 and p.shape[0] == b,
-                 f"past_latent.{i} must be [batch={b}, tokens, {width}], got {p.shape}")
-            need(p.shape[2] == width, f"past_latent.{i} has {p.shape[2]} values per token; this model caches "
-                 f"{width} (d_c + d_r)")
-            need(p.shape[1] == past_len, f"past_latent.{i} holds {p.shape[1]} tokens, past_latent.0 {past_len}")
-            need(p.dtype == self.float_dtype, f"past_latent.{i} must be {self.float_dtype}, got {p.dtype}")
-        need(attention_mask.shape == (b, past_len + s),
-             f"attention_mask must be [batch, past + new] = {(b, past_len + s)}, got {attention_mask.shape}")
+        check_feeds(self.latent_dims, self.float_dtype, input_ids, position_ids, attention_mask, past)
 
     def _run(self, name: str, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         logits, *present = self.sessions[name].run(None, feeds)
@@ -95,11 +72,8 @@ class OnnxBackend:
 
     def prefill(self, input_ids, position_ids, attention_mask):
         self._check(input_ids, position_ids, attention_mask)
-        return self._run("prefill", {"input_ids": input_ids, "position_ids": position_ids,
-                                     "attention_mask": attention_mask})
+        return self._run("prefill", feeds(input_ids, position_ids, attention_mask))
 
     def step(self, input_ids, position_ids, attention_mask, past: Sequence[np.ndarray]):
         self._check(input_ids, position_ids, attention_mask, past)
-        feeds = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask}
-        feeds.update({f"past_latent.{i}": p for i, p in enumerate(past)})
-        return self._run("step", feeds)
+        return self._run("step", feeds(input_ids, position_ids, attention_mask, past))

@@ -9,23 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from mla_fx.errors import LoadError, MLAFXError
-from mla_fx.export.tensorrt_engine import FORMAT, MANIFEST, require_cuda
+from mla_fx.export.tensorrt_engine import require_cuda
 from mla_fx.export.tensorrt_plugin import register_plugin, require_tensorrt
-from mla_fx.ort_backend import NUMPY_DTYPES, OnnxBackend
-from mla_fx.outputs import read_manifest
+from mla_fx.products import NUMPY_DTYPES, check_feeds, feeds, read_engine_manifest
 
 # trt.DataType name -> torch dtype name
 TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
                 "INT8": "int8", "BOOL": "bool"}
-
-
-def read_engine_manifest(directory: Path) -> dict[str, Any]:
-    return read_manifest(directory, MANIFEST, FORMAT, "mla-fx TensorRT folder", "mla-fx export MODEL --trt -o DIR")
 
 
 class TensorRTBackend:
@@ -104,14 +98,11 @@ class TensorRTBackend:
         return logits, present
 
     def prefill(self, input_ids, position_ids, attention_mask):
-        OnnxBackend._check(self, input_ids, position_ids, attention_mask)
+        check_feeds(self.latent_dims, self.float_dtype, input_ids, position_ids, attention_mask)
         self._check_limits(input_ids, (), step=False)
-        return self._run("prefill", {"input_ids": input_ids, "position_ids": position_ids,
-                                     "attention_mask": attention_mask})
+        return self._run("prefill", feeds(input_ids, position_ids, attention_mask))
 
     def step(self, input_ids, position_ids, attention_mask, past: Sequence[np.ndarray]):
-        OnnxBackend._check(self, input_ids, position_ids, attention_mask, past)
+        check_feeds(self.latent_dims, self.float_dtype, input_ids, position_ids, attention_mask, past)
         self._check_limits(input_ids, past, step=True)
-        feeds = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask}
-        feeds.update({f"past_latent.{i}": p for i, p in enumerate(past)})
-        return self._run("step", feeds)
+        return self._run("step", feeds(input_ids, position_ids, attention_mask, past))
