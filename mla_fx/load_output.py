@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import json
 from pathlib import Path
 
 import torch
@@ -17,7 +15,7 @@ from torch import nn
 
 from mla_fx.absorbed_checkpoint import FORMAT, MANIFEST
 from mla_fx.checkpoint import Checkpoint
-from mla_fx.errors import LoadError, MissingDependency
+from mla_fx.errors import LoadError
 from mla_fx.outputs import read_manifest
 
 HOW = "mla-fx absorb MODEL -o OUT"
@@ -37,13 +35,10 @@ def load(path: str | Path) -> nn.Module:
 
 
 def _original_weights(folder: Path, dtype: torch.dtype, expected_missing: set[str]) -> dict[str, torch.Tensor]:
-    """The untouched weights by graph name, as transformers loads them (key conversions, FP8 dequantized)."""
+    """The untouched weights by graph name, as transformers loads them (its key conversions; FP8 weights
+    dequantized by mla-fx, see :mod:`mla_fx.transformers_loading`)."""
     from mla_fx import transformers_loading
 
-    config = json.loads((folder / "config.json").read_text())
-    if (config.get("quantization_config") or {}).get("quant_method") == "fp8" and \
-            importlib.util.find_spec("accelerate") is None:
-        raise MissingDependency("loading an FP8 checkpoint needs the 'accelerate' package: pip install 'mla-fx[hf]'")
     with transformers_loading.quiet_loading():  # its report lists the absorbed-away and the new weights
         model, _, info = transformers_loading.from_pretrained(folder, dtype=dtype)
     missing = set(info.get("missing_keys") or []) - expected_missing

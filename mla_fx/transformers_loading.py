@@ -8,6 +8,9 @@
   (transformers' default `grouped_mm` rejects it) and exports to ONNX with standard ops (Gather,
   MatMul); it needs no custom op, so an absorbed `.pt2` loads with `import mla_fx` alone.
 - A multimodal checkpoint whose text decoder is MLA is loaded as that text decoder alone.
+- An FP8 checkpoint (DeepSeek-V3 format) is dequantized by mla-fx (:mod:`mla_fx.checkpoint`) and handed to
+  transformers as a state dict: transformers 5.24's CPU dequantization derives the block from the scale grid and
+  refuses weights whose rows are not a multiple of it (DeepSeek-V3's 576-row kv_a_proj_with_mqa, 128 blocks).
 """
 
 from __future__ import annotations
@@ -107,26 +110,47 @@ def from_pretrained(path: Path, dtype: torch.dtype = torch.float32
     config = tf.AutoConfig.from_pretrained(path, local_files_only=True)
     choice = choose_class(config)
     cls = choice.multimodal_cls or choice.cls
+    source: dict[str, Any] = {"pretrained_model_name_or_path": path, "local_files_only": True}
+    if _quant_method(config) == "fp8":
+        del config.quantization_config
+        source = {"pretrained_model_name_or_path": None, "config": config,
+                  "state_dict": _dequantized_state_dict(path, dtype)}
     model, info = _with_attention(lambda impl: cls.from_pretrained(
-        path, local_files_only=True, attn_implementation=impl, experts_implementation=EXPERTS,
-        dtype=dtype, output_loading_info=True), cls)
+        **source, attn_implementation=impl, experts_implementation=EXPERTS, dtype=dtype,
+        output_loading_info=True), cls)
     if choice.multimodal_cls is not None:
         model = _text_decoder(model, choice)
     return model.eval(), choice, info
+
+
+def _quant_method(config) -> str | None:
+    q = getattr(config, "quantization_config", None)
+    return (q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)) if q else None
+
+
+def _dequantized_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of an FP8 checkpoint with its FP8 weights dequantized to `dtype` (their scales dropped)."""
+    from mla_fx.checkpoint import FP8_DTYPES, Checkpoint
+
+    ckpt = Checkpoint(path)
+    scales = {ckpt.scale_key(k) for k in ckpt.keys() if ckpt.raw_dtype(k) in FP8_DTYPES} - {None}
+    return {k: ckpt.tensor(k, dtype if ckpt.raw_dtype(k) in FP8_DTYPES else None)
+            for k in ckpt.keys() if k not in scales}
 
 
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
     """transformers' load report and progress bars off (a folder whose missing and extra keys are expected)."""
     tf = _transformers()
-    level = tf.logging.get_verbosity()
+    level, bars = tf.logging.get_verbosity(), tf.utils.logging.is_progress_bar_enabled()
     tf.logging.set_verbosity_error()
     tf.utils.logging.disable_progress_bar()
     try:
         yield
     finally:
         tf.logging.set_verbosity(level)
-        tf.utils.logging.enable_progress_bar()
+        if bars:  # enabling them where they were off warns (HF_HUB_DISABLE_PROGRESS_BARS)
+            tf.utils.logging.enable_progress_bar()
 
 
 def _text_decoder(multimodal: nn.Module, choice: ModelChoice) -> nn.Module:
