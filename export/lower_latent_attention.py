@@ -12,11 +12,10 @@ Needs concrete shapes in node.meta["tensor_meta"] (torch.fx.passes.shape_prop.Sh
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import fx
 
+from mla_fx.passes.context import PassContext
 from mla_fx.passes.manager import PassResult
 from mla_fx.passes.to_latent_attention import LATENT_ATTENTION
 
@@ -30,7 +29,7 @@ def lower_latent_attention(attention: str):
     if attention not in ATTENTION_KINDS:
         raise ValueError(f"attention must be one of {ATTENTION_KINDS}, not {attention!r}")
 
-    def lower_latent_attention(gm: fx.GraphModule, config: Any = None) -> PassResult:
+    def lower_latent_attention(gm: fx.GraphModule, context: PassContext | None = None) -> PassResult:
         g = gm.graph
         lowered = 0
         for node in list(g.nodes):

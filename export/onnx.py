@@ -20,15 +20,14 @@ import torch
 from torch.export import Dim
 from torch.fx.passes.shape_prop import ShapeProp
 
+from mla_fx import pipelines
 from mla_fx.errors import MLAFXError
 from mla_fx.inference import InferencePrograms
 from mla_fx.outputs import atomic_directory
-from mla_fx.passes.lower_complex import lower_complex
 from mla_fx.passes.manager import run_passes
 from mla_fx.products import ONNX_FORMAT, ONNX_MANIFEST, past_name
 
 from .latent_attention_onnx import DOMAIN, function_proto
-from .lower_latent_attention import lower_latent_attention
 from .onnx_weights import WEIGHTS, save_models
 
 # torch.onnx lists every optional op library it cannot find (torchvision, ...) on each export
@@ -53,7 +52,7 @@ def export_program(programs: InferencePrograms, name: str, attention: str, opset
     gm = copy.deepcopy(programs.step if name == "step" else programs.prefill).eval()
     example = programs.step_example() if name == "step" else programs.prefill_example()
     ShapeProp(gm).propagate(*example)
-    gm, _ = run_passes(gm, [lower_complex, lower_latent_attention(attention)], None)
+    gm, _ = run_passes(gm, pipelines.onnx_lowering(attention))
     try:
         onnx_program = torch.onnx.export(
             gm, example, dynamic_shapes=_dynamic_shapes(programs, name), input_names=programs.input_names(name),

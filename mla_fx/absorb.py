@@ -1,9 +1,10 @@
-"""The absorb pipeline: find MLA, split the RoPE score, absorb W_UK and W_UV, latent attention."""
+"""Absorb: the ABSORB pipeline (mla_fx/pipelines.py) on a captured graph, with the MLA analysis computed once and
+the mode resolved from it: find MLA, split the RoPE score, absorb W_UK and W_UV, latent attention."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,22 +12,14 @@ from typing import Any
 import torch
 from torch import fx
 
-from mla_fx import ops  # noqa: F401  (registers the mla_fx:: ops the passes insert)
+from mla_fx import ops, pipelines  # noqa: F401  (ops: registers the mla_fx:: ops the passes insert)
 from mla_fx.cost import MODES, choose_mode, mode_costs
 from mla_fx.errors import MLAFXError, NoMLAError
 from mla_fx.outputs import atomic_file
-from mla_fx.passes.absorb_uk import absorb_uk
-from mla_fx.passes.absorb_uv import absorb_uv
 from mla_fx.passes.capture import export_program
-from mla_fx.passes.cleanup import cleanup
-from mla_fx.passes.find_mla_sites import MLASite, find_mla_sites, find_sites, no_mla_message
+from mla_fx.passes.context import Analysis, PassContext, analyze
+from mla_fx.passes.find_mla_sites import MLASite, no_mla_message
 from mla_fx.passes.manager import AfterPass, run_passes
-from mla_fx.passes.split_rope_score import split_rope_score
-from mla_fx.passes.to_latent_attention import to_latent_attention
-from mla_fx.passes.verify_latent_only import verify_latent_only
-
-ABSORB_PIPELINE = [find_mla_sites, split_rope_score, absorb_uk, absorb_uv, to_latent_attention,
-                   verify_latent_only, cleanup]
 
 
 @dataclass
@@ -55,7 +48,7 @@ class AbsorbResult:
             for site, c in zip(self.sites, costs, strict=True)], "passes": self.pass_stats}
 
 
-def resolve_mode(mode: str, sites: list[MLASite]) -> str:
+def resolve_mode(mode: str, sites: Sequence[MLASite]) -> str:
     if mode != "auto":
         return mode
     if any(s.spec.hidden_size is None for s in sites):
@@ -64,15 +57,16 @@ def resolve_mode(mode: str, sites: list[MLASite]) -> str:
 
 
 def absorb(gm: fx.GraphModule, config: AbsorbConfig | None = None, after_pass: AfterPass | None = None,
-           pipeline: list[Callable] | None = None) -> AbsorbResult:
-    """Rewrite a captured graph in place; returns it with the sites found and per-pass stats."""
+           pipeline: Sequence[Callable] | None = None, analysis: Analysis | None = None) -> AbsorbResult:
+    """Rewrite a captured graph in place; returns it with the sites found and per-pass stats. `analysis`: the
+    graph's, where the caller has it already."""
     config = config or AbsorbConfig()
-    sites, rejected = find_sites(gm)
-    if not sites:
-        raise NoMLAError(no_mla_message(rejected, gm))
-    mode = resolve_mode(config.mode, sites)
-    gm, stats = run_passes(gm, pipeline or ABSORB_PIPELINE, AbsorbConfig(mode=mode), after_pass)
-    return AbsorbResult(gm, mode, sites, stats)
+    analysis = analysis or analyze(gm)
+    if not analysis.sites:
+        raise NoMLAError(no_mla_message(analysis.rejected, gm))
+    mode = resolve_mode(config.mode, analysis.sites)
+    gm, stats = run_passes(gm, pipeline or pipelines.ABSORB, PassContext(mode, analysis), after_pass)
+    return AbsorbResult(gm, mode, list(analysis.sites), stats)
 
 
 def to_program(gm: fx.GraphModule, example: tuple[torch.Tensor, ...], max_seq: int = 4096
@@ -93,4 +87,4 @@ def save_report(report: dict[str, Any], path: Path) -> None:
     atomic_file(path, lambda tmp: tmp.write_text(json.dumps(report, indent=2, default=str) + "\n"))
 
 
-__all__ = ["ABSORB_PIPELINE", "AbsorbConfig", "AbsorbResult", "absorb", "save_program", "to_program"]
+__all__ = ["AbsorbConfig", "AbsorbResult", "absorb", "save_program", "to_program"]

@@ -10,14 +10,14 @@ from typing import Any
 import torch
 from torch import fx
 
+from mla_fx import pipelines
 from mla_fx.absorb import AbsorbConfig, absorb
 from mla_fx.cost import crossover_tokens
 from mla_fx.errors import LoadError, MLAFXError
 from mla_fx.loading import LoadedModel
 from mla_fx.passes._graph import SDPA
-from mla_fx.passes.add_latent_cache import add_latent_cache
-from mla_fx.passes.add_prefill_cache import add_prefill_cache
 from mla_fx.passes.capture import capture
+from mla_fx.passes.context import PassContext, analyze
 from mla_fx.passes.find_mla_sites import MLASite, selects_keys
 from mla_fx.passes.manager import run_passes
 from mla_fx.products import input_names, output_names
@@ -81,15 +81,16 @@ def build_programs(loaded: LoadedModel, config: AbsorbConfig | None = None) -> I
                          "model. mla-fx absorb works on it (its MLA layers are rewritten, the others kept)")
     with torch.no_grad():
         gm = capture(loaded.module, positional_example(loaded), max_seq=loaded.max_seq)
+    analysis = analyze(gm)  # once, for both programs (the copy keeps the node names)
     sparse = [n.name for n in gm.graph.nodes if n.target is SDPA and selects_keys(n)]
     if sparse:
         raise MLAFXError(f"{len(sparse)} attention(s) read only the keys a top-k selects (sparse attention, e.g. "
                          "DeepSeek-V3.2's lightning indexer): the inference programs do not yet carry the indexer's "
                          "keys in the cache, so they cannot decode this model. mla-fx absorb works on it (the "
                          "full-sequence program)")
-    prefill, prefill_stats = run_passes(copy.deepcopy(gm), [add_prefill_cache], config)
-    result = absorb(gm, config)
-    step, step_stats = run_passes(result.gm, [add_latent_cache], config)
+    prefill, prefill_stats = run_passes(copy.deepcopy(gm), pipelines.PREFILL, PassContext(analysis=analysis))
+    result = absorb(gm, config, analysis=analysis)
+    step, step_stats = run_passes(result.gm, pipelines.STEP, PassContext(result.mode, analysis))
     return InferencePrograms(step, prefill, result.sites, result.mode, loaded.vocab_size, loaded.max_seq,
                              {**result.pass_stats, **prefill_stats, **step_stats,
                               "crossover_tokens": [crossover_tokens(s.spec) for s in result.sites]})

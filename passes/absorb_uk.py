@@ -15,20 +15,30 @@ q_nope.(W_UK c) = (W_UK^T q_nope).c, so the score is unchanged and k_nope is nev
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import NamedTuple
 
 import torch
 from torch import fx
 
 from ._graph import LINEAR, add_param, get_param, probe_features, scalar_factor, scaled_layout_source
+from .context import PassContext
 from .manager import PassResult
 from .split_rope_score import SPLIT_ATTENTION
 
 aten = torch.ops.aten
 
 
-def _up_projection(gm: fx.GraphModule, node: fx.Node):
-    """(linear input, weight, bias, [H, D] feature map) if node is c * heads(linear(x, W)), else None.
+class UpProjection(NamedTuple):
+    """node = c * heads(linear(input, weight, bias)): features[h, d] is the feature row of head h, position d."""
+
+    input: fx.Node
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    features: torch.Tensor  # [H, D] row indices into weight
+
+
+def up_projection(gm: fx.GraphModule, node: fx.Node) -> UpProjection | None:
+    """The per-head linear `node` slices, if it is c * heads(linear(x, W)), else None.
 
     A constant factor c (LongCat-Flash scales q) is folded into the returned weight and bias.
     """
@@ -43,7 +53,7 @@ def _up_projection(gm: fx.GraphModule, node: fx.Node):
         return None
     if factor != 1.0:
         weight, bias = weight * factor, (bias * factor if bias is not None else None)
-    return src.args[0], weight, bias, feature_map
+    return UpProjection(src.args[0], weight, bias, feature_map)
 
 
 def heads_view(graph: fx.Graph, flat: fx.Node, batch: fx.Node, heads: int, dim: int) -> fx.Node:
@@ -63,27 +73,27 @@ def _narrow_siblings(gm: fx.GraphModule, q_nope: fx.Node, c_q: fx.Node) -> None:
     if split is None:
         return
     for sibling in [u for u in split.users if u is not q_nope]:
-        up = _up_projection(gm, sibling)
-        if up is None or up[0] is not c_q or up[2] is not None:
+        up = up_projection(gm, sibling)
+        if up is None or up.input is not c_q or up.bias is not None:
             continue
-        heads, dim = up[3].shape
+        heads, dim = up.features.shape
         g = gm.graph
         with g.inserting_before(sibling):
             batch = g.call_function(aten.sym_size.int, (c_q, 0))
-            weight = add_param(gm, f"{sibling.name}_w", up[1][up[3]].reshape(heads * dim, -1), sibling)
+            weight = add_param(gm, f"{sibling.name}_w", up.weight[up.features].reshape(heads * dim, -1), sibling)
             narrow = heads_view(g, g.call_function(LINEAR, (c_q, weight)), batch, heads, dim)
         sibling.replace_all_uses_with(narrow)
 
 
-def absorb_uk(gm: fx.GraphModule, config: Any) -> PassResult:
-    mode = getattr(config, "mode", "reassociate")
+def absorb_uk(gm: fx.GraphModule, context: PassContext | None = None) -> PassResult:
+    mode = (context or PassContext()).mode
     rewritten, skipped, folded = 0, {}, 0
     for node in list(gm.graph.nodes):
         if node.target is not SPLIT_ATTENTION:
             continue
         q_nope, _, k_nope = node.args[:3]
-        up = _up_projection(gm, k_nope)
-        if up is None or up[2] is not None:
+        up = up_projection(gm, k_nope)
+        if up is None or up.bias is not None:
             skipped[node.name] = "k_nope is not a bias-free per-head slice of a linear over the latent"
             continue
         latent, w_kv, _, kmap = up
@@ -93,7 +103,7 @@ def absorb_uk(gm: fx.GraphModule, config: Any) -> PassResult:
         g = gm.graph
         with g.inserting_before(node):
             batch = g.call_function(aten.sym_size.int, (node.args[1], 0))
-            q_up = _up_projection(gm, q_nope) if mode == "fold" else None
+            q_up = up_projection(gm, q_nope) if mode == "fold" else None
             if q_up is not None:
                 c_q, w_q, b_q, qmap = q_up
                 w_uk64 = w_uk.double()

@@ -15,13 +15,12 @@ sum_j p_j (W_UV c_j) = W_UV (sum_j p_j c_j): the attention now reads only the la
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import fx
 
 from ._graph import LINEAR, add_param, concrete, get_param, is_layout, layout_source, probe_heads_to_features
-from .absorb_uk import _up_projection
+from .absorb_uk import up_projection
+from .context import PassContext
 from .manager import PassResult
 from .split_rope_score import SPLIT_ATTENTION
 
@@ -42,15 +41,15 @@ def _output_projection(gm: fx.GraphModule, attn: fx.Node):
     return None
 
 
-def absorb_uv(gm: fx.GraphModule, config: Any) -> PassResult:
-    mode = getattr(config, "mode", "reassociate")
+def absorb_uv(gm: fx.GraphModule, context: PassContext | None = None) -> PassResult:
+    mode = (context or PassContext()).mode
     rewritten, folded, skipped = 0, 0, {}
     for node in list(gm.graph.nodes):
         if node.target is not SPLIT_ATTENTION:
             continue
         c_kv, v = node.args[2], node.args[4]
-        up = _up_projection(gm, v)
-        if up is None or up[2] is not None:
+        up = up_projection(gm, v)
+        if up is None or up.bias is not None:
             skipped[node.name] = "value is not a bias-free per-head slice of a linear"
             continue
         latent, w_v, _, vmap = up

@@ -14,19 +14,18 @@ An empty past (T_past = 0) is valid, so this program alone can run a whole gener
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import fx
 
 from ._inference import flat_signature, outputs, padding_causal_mask, placeholder, set_outputs
+from .context import PassContext
 from .manager import PassResult
 from .to_latent_attention import LATENT_ATTENTION
 
 aten = torch.ops.aten
 
 
-def add_latent_cache(gm: fx.GraphModule, config: Any = None) -> PassResult:
+def add_latent_cache(gm: fx.GraphModule, context: PassContext | None = None) -> PassResult:
     attentions = [n for n in gm.graph.nodes if n.target is LATENT_ATTENTION]
     if not attentions:
         raise ValueError("no latent_attention in the graph: run the absorb pipeline first")

@@ -17,8 +17,6 @@ present_latent_i is the same row the step program appends: normalized c_KV and k
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import fx
 
@@ -26,17 +24,19 @@ from mla_fx.errors import NoMLAError
 
 from ._graph import last_dim_parts, shape, strip_expand
 from ._inference import flat_signature, outputs, padding_causal_mask, placeholder, set_outputs
-from .find_mla_sites import find_sites, no_mla_message
+from .context import PassContext
+from .find_mla_sites import no_mla_message
 from .manager import PassResult
 from .split_rope_score import sdpa_arguments
 
 aten = torch.ops.aten
 
 
-def add_prefill_cache(gm: fx.GraphModule, config: Any = None) -> PassResult:
-    sites, rejected = find_sites(gm)
+def add_prefill_cache(gm: fx.GraphModule, context: PassContext | None = None) -> PassResult:
+    analysis = (context or PassContext()).sites(gm)
+    sites = analysis.sites
     if not sites:
-        raise NoMLAError(no_mla_message(rejected, gm))
+        raise NoMLAError(no_mla_message(analysis.rejected, gm))
     by_name = {n.name: n for n in gm.graph.nodes}
     flat_signature(gm)
     logits = outputs(gm)

@@ -13,8 +13,7 @@ from torch.export import Dim
 
 from mla_fx.errors import MLAFXError
 
-from .distribute_query_scale import distribute_query_scale
-from .split_query_like_key import split_query_like_key
+from .manager import run_passes
 
 
 def sequence_dims(max_seq: int, dynamic_batch: bool = True, inputs: int = 1) -> tuple[dict[int, Dim], ...]:
@@ -62,7 +61,9 @@ def graph_module(program: torch.export.ExportedProgram) -> fx.GraphModule:
             gm.graph.erase_node(node)
             delattr(gm, "_guards_fn")
     gm.recompile()
-    return split_query_like_key(distribute_query_scale(gm).gm).gm
+    from mla_fx import pipelines  # it names this module's pipeline among the others
+
+    return run_passes(gm, pipelines.CANONICAL)[0]
 
 
 def capture(model: nn.Module, example: tuple[torch.Tensor, ...], max_seq: int = 4096) -> fx.GraphModule:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import fx
 
+from .context import PassContext
 from .manager import PassResult
 
 
@@ -13,7 +12,7 @@ def count_params(gm: fx.GraphModule) -> int:
     return sum(p.numel() for p in gm.parameters()) + sum(b.numel() for b in gm.buffers())
 
 
-def cleanup(gm: fx.GraphModule, config: Any = None) -> PassResult:
+def cleanup(gm: fx.GraphModule, context: PassContext | None = None) -> PassResult:
     before_nodes, before_params = len(gm.graph.nodes), count_params(gm)
     gm.graph.eliminate_dead_code()
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}

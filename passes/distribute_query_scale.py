@@ -14,12 +14,11 @@ carries s on both parts (W_UK is linear, so (s q_nope) W_UK = s (q_nope W_UK)).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import fx
 
 from ._graph import SDPA, last_dim_parts
+from .context import PassContext
 from .manager import PassResult
 
 aten = torch.ops.aten
@@ -32,7 +31,7 @@ def _constant_along_last_dim(factor) -> bool:
     return val is not None and (val.dim() == 0 or val.shape[-1] == 1)
 
 
-def distribute_query_scale(gm: fx.GraphModule, config: Any = None) -> PassResult:
+def distribute_query_scale(gm: fx.GraphModule, context: PassContext | None = None) -> PassResult:
     g = gm.graph
     moved = 0
     for attn in [n for n in g.nodes if n.target is SDPA]:

@@ -29,6 +29,7 @@ from ._graph import (
     shape,
     strip_expand,
 )
+from .context import PassContext
 from .manager import PassResult
 
 LOOKED_FOR = ("an attention (scaled_dot_product_attention) whose query and key are [nope ; rope] "
@@ -175,10 +176,11 @@ def no_mla_message(rejected: dict[str, str], gm: fx.GraphModule | None = None) -
     return f"no Multi-head Latent Attention found. Looked for {LOOKED_FOR}. Found: {found}."
 
 
-def find_mla_sites(gm: fx.GraphModule, config: Any = None) -> PassResult:
-    """Analysis pass: fails with NoMLAError when the model has no MLA; stats list the sites."""
-    sites, rejected = find_sites(gm)
-    if not sites:
-        raise NoMLAError(no_mla_message(rejected, gm))
-    return PassResult(gm, False, {"sites": len(sites), "rejected": rejected,
-                                  "specs": [s.to_dict() for s in sites]})
+def find_mla_sites(gm: fx.GraphModule, context: PassContext | None = None) -> PassResult:
+    """Analysis pass: fails with NoMLAError when the model has no MLA; stats list the sites (those the context
+    hands in, computed once before the pipeline, or the graph's when run alone)."""
+    analysis = (context or PassContext()).sites(gm)
+    if not analysis.sites:
+        raise NoMLAError(no_mla_message(analysis.rejected, gm))
+    return PassResult(gm, False, {"sites": len(analysis.sites), "rejected": analysis.rejected,
+                                  "specs": [s.to_dict() for s in analysis.sites]})

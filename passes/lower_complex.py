@@ -18,19 +18,18 @@ pipeline, held to 1e-10 in float64, does not need it.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import fx
 
 from ._graph import LAYOUT_OPS
+from .context import PassContext
 from .manager import PassResult
 
 aten = torch.ops.aten
 COMPLEX_SOURCES = {aten.view_as_complex.default, aten.polar.default}
 
 
-def lower_complex(gm: fx.GraphModule, config: Any = None) -> PassResult:
+def lower_complex(gm: fx.GraphModule, context: PassContext | None = None) -> PassResult:
     g = gm.graph
     parts: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
     lowered = 0

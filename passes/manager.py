@@ -1,4 +1,5 @@
-"""A small pass manager: pipelines are lists of passes, each `(gm, config) -> PassResult`."""
+"""A small pass manager: pipelines are lists of passes (named in mla_fx/pipelines.py), each
+`(gm, context) -> PassResult`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any, Protocol
 from torch import fx
 
 from mla_fx.errors import MLAFXError, PassError
+
+from .context import PassContext
 
 
 @dataclass
@@ -21,13 +24,13 @@ class PassResult:
 class Pass(Protocol):
     __name__: str
 
-    def __call__(self, gm: fx.GraphModule, config: Any) -> PassResult: ...
+    def __call__(self, gm: fx.GraphModule, context: PassContext | None = None) -> PassResult: ...
 
 
 AfterPass = Callable[[str, PassResult], None]
 
 
-def run_passes(gm: fx.GraphModule, passes: Sequence[Pass], config: Any,
+def run_passes(gm: fx.GraphModule, passes: Sequence[Pass], context: PassContext | None = None,
                after_pass: AfterPass | None = None) -> tuple[fx.GraphModule, dict[str, dict]]:
     """Run `passes` in order; a failure is re-raised naming the pass and those that ran before it.
 
@@ -39,7 +42,7 @@ def run_passes(gm: fx.GraphModule, passes: Sequence[Pass], config: Any,
     for p in passes:
         name = p.__name__
         try:
-            result = p(gm, config)
+            result = p(gm, context)
             gm = result.gm
             gm.graph.lint()
             gm.recompile()

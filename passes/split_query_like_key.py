@@ -14,18 +14,17 @@ leaves the values unchanged and gives the [q_nope ; q_rope] query the site match
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import fx
 
 from ._graph import SDPA, last_dim_parts
+from .context import PassContext
 from .manager import PassResult
 
 aten = torch.ops.aten
 
 
-def split_query_like_key(gm: fx.GraphModule, config: Any = None) -> PassResult:
+def split_query_like_key(gm: fx.GraphModule, context: PassContext | None = None) -> PassResult:
     g = gm.graph
     split = 0
     for attn in [n for n in g.nodes if n.target is SDPA]:

@@ -19,7 +19,7 @@ import torch
 from torch import fx
 
 from ._graph import SDPA, last_dim_parts, strip_expand
-from .find_mla_sites import match_site
+from .context import PassContext
 from .manager import PassResult
 
 SPLIT_ATTENTION = torch.ops.mla_fx.split_rope_attention.default
@@ -31,12 +31,14 @@ def sdpa_arguments(node: fx.Node) -> dict[str, Any]:
     return {**defaults, **dict(zip(names, node.args, strict=False)), **node.kwargs}
 
 
-def split_rope_score(gm: fx.GraphModule, config: Any = None) -> PassResult:
+def split_rope_score(gm: fx.GraphModule, context: PassContext | None = None) -> PassResult:
+    analysis = (context or PassContext()).sites(gm)
+    sites = {s.attention: s for s in analysis.sites}
     rewritten, skipped = 0, {}
     for node in list(gm.graph.nodes):
         if node.target is not SDPA:
             continue
-        site = match_site(node)
+        site = sites.get(node.name) or analysis.rejected.get(node.name, "not an MLA site")
         a = sdpa_arguments(node)
         if isinstance(site, str) or a["dropout_p"] != 0.0:
             skipped[node.name] = site if isinstance(site, str) else "dropout_p != 0"

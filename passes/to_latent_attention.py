@@ -12,12 +12,11 @@ after RoPE, 576 values at DeepSeek-V3 sizes.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import fx
 
 from ._graph import layout_source, shape
+from .context import PassContext
 from .manager import PassResult
 from .split_rope_score import SPLIT_ATTENTION
 
@@ -25,7 +24,7 @@ aten = torch.ops.aten
 LATENT_ATTENTION = torch.ops.mla_fx.latent_attention.default
 
 
-def to_latent_attention(gm: fx.GraphModule, config: Any = None) -> PassResult:
+def to_latent_attention(gm: fx.GraphModule, context: PassContext | None = None) -> PassResult:
     rewritten, skipped = 0, {}
     g = gm.graph
     for node in list(g.nodes):

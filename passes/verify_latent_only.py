@@ -7,14 +7,13 @@ MLA site was left as an expanded attention.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import fx
 
 from mla_fx.errors import PassError
 
 from ._graph import SDPA, is_layout, layout_source
+from .context import PassContext
 from .find_mla_sites import match_site
 from .manager import PassResult
 from .split_rope_score import SPLIT_ATTENTION
@@ -38,7 +37,7 @@ def latent_readers(latent_kv: fx.Node) -> list[fx.Node]:
     return readers
 
 
-def verify_latent_only(gm: fx.GraphModule, config: Any = None) -> PassResult:
+def verify_latent_only(gm: fx.GraphModule, context: PassContext | None = None) -> PassResult:
     problems = []
     latent = [n for n in gm.graph.nodes if n.target is LATENT_ATTENTION]
     for node in latent:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mla_fx.absorb import AbsorbConfig
 from mla_fx.errors import NoMLAError, PassError
 from mla_fx.passes.absorb_uk import absorb_uk
 from mla_fx.passes.absorb_uv import absorb_uv
 from mla_fx.passes.cleanup import cleanup
+from mla_fx.passes.context import PassContext
 from mla_fx.passes.find_mla_sites import find_mla_sites
 from mla_fx.passes.manager import PassResult, run_passes
 from mla_fx.passes.split_rope_score import SPLIT_ATTENTION, split_rope_score
@@ -21,7 +21,7 @@ from _zoo import LATENT, SDPA, count, has_transformers, ids_for, rel_l2, zoo_mod
 aten = torch.ops.aten
 LINEAR = aten.linear.default
 EINSUM = aten.einsum.default
-REASSOC, FOLD = AbsorbConfig(mode="reassociate"), AbsorbConfig(mode="fold")
+REASSOC, FOLD = PassContext(mode="reassociate"), PassContext(mode="fold")
 LAYERS = 2
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import mla_fx.absorb as absorb_module
-from mla_fx import cli
-from mla_fx.absorb import ABSORB_PIPELINE, AbsorbConfig
+from mla_fx import cli, pipelines
+from mla_fx.absorb import AbsorbConfig
 from mla_fx.api import absorb_and_check
 from mla_fx.errors import CheckFailed
 from mla_fx.loading import load_model
@@ -27,7 +26,7 @@ def use_latent_width_scale(gm, config):
     return PassResult(gm, True)
 
 
-BROKEN = [*ABSORB_PIPELINE[:-1], use_latent_width_scale, ABSORB_PIPELINE[-1]]
+BROKEN = [*pipelines.ABSORB[:-1], use_latent_width_scale, pipelines.ABSORB[-1]]
 
 
 def test_yarn_model_passes_and_a_wrong_scale_fails_the_check():
@@ -46,7 +45,7 @@ def test_check_each_pass_names_the_pass_that_breaks_numerics():
 
 
 def test_absorb_refuses_to_write_a_failing_rewrite(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(absorb_module, "ABSORB_PIPELINE", BROKEN)
+    monkeypatch.setattr(pipelines, "ABSORB", BROKEN)
     out = tmp_path / "out.pt2"
     code = cli.main(["absorb", "zoo:reference_yarn", "-o", str(out), "--dtypes", "float32", "--generate", "0",
                      "-q"])
