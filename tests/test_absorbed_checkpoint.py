@@ -234,3 +234,23 @@ def test_interrupted_absorb_leaves_nothing(folders, tmp_path):
     assert proc.returncode == 130
     assert "interrupted" in proc.stderr and "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fp8_dequantization_matches_transformers_and_takes_ragged_blocks():
+    """Bit-equal to transformers' own FP8 dequantization where it works (rows a multiple of the block); rows that
+    are not (DeepSeek-V3's 576-row kv_a_proj_with_mqa) dequantize block by block all the same."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    from mla_fx.checkpoint import dequantize_blocks, quantize_blocks
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(2048, 384, generator=gen)
+    q, scale = quantize_blocks(weight, (128, 128))
+    theirs = Fp8Dequantize.__new__(Fp8Dequantize)._dequantize_one(q, scale, torch.bfloat16)
+    assert torch.equal(dequantize_blocks(q, scale, (128, 128), torch.bfloat16), theirs)
+    ragged = torch.randn(576, 300, generator=gen)
+    q, scale = quantize_blocks(ragged, (128, 128))
+    assert scale.shape == (5, 3)
+    got = dequantize_blocks(q, scale, (128, 128), torch.float32)
+    assert ((got - ragged).norm() / ragged.norm()).item() < 0.05  # e4m3 keeps 3 mantissa bits
+    assert torch.equal(got[512:, 256:], q[512:, 256:].float() * scale[4, 2])  # the partial corner block
