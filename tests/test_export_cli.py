@@ -39,7 +39,7 @@ def test_export_prints_the_cache_report(tmp_path, capsys):
     text = capsys.readouterr().out
     # reference zoo sizes: d_c 32 + d_r 8 = 40 values (160 B in float32), 4 heads x (16 + 8 + 12) expanded
     assert "    0             40           160                 576                    160" in text
-    assert sorted(p.name for p in out.iterdir()) == ["mla_fx_export.json", "prefill.onnx", "step.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["mla_fx_export.json", "prefill.onnx", "step.onnx", "weights.data"]
 
 
 def test_check_onnx_compares_three_ways(example_export, capsys):
