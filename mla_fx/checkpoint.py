@@ -8,6 +8,7 @@ FP8 format: float8_e4m3fn weights with a float32 `weight_scale_inv` per block
 from __future__ import annotations
 
 import json
+import math
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from mla_fx.errors import LoadError
-from mla_fx.shards import DTYPES
+from mla_fx.shards import DTYPES, Stored, stored_tensors
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -65,8 +66,7 @@ class Checkpoint:
                 raise LoadError(f"{index}: no weight_map")
             self.shard_of: dict[str, str] = dict(weight_map)
         elif (self.directory / SINGLE).is_file():
-            with self._open(SINGLE) as f:
-                self.shard_of = {k: SINGLE for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            self.shard_of = {k: SINGLE for k, _ in stored_tensors(self.directory / SINGLE)}
         else:
             raise LoadError(f"{self.directory} has no {SINGLE} or {INDEX}: not a safetensors checkpoint")
         missing = sorted({s for s in self.shard_of.values() if not (self.directory / s).is_file()})
@@ -94,6 +94,11 @@ class Checkpoint:
         return sorted(set(self.shard_of.values()))
 
     @cached_property
+    def headers(self) -> dict[str, Stored]:
+        """Every tensor's dtype, shape and place, from the shards' headers (read once)."""
+        return {k: v for shard in self.shards for k, v in stored_tensors(self.directory / shard)}
+
+    @cached_property
     def fp8_block(self) -> tuple[int, int] | None:
         """The block size of a DeepSeek-V3-format FP8 checkpoint, None for any other."""
         q = self.config.get("quantization_config") or {}
@@ -117,14 +122,10 @@ class Checkpoint:
 
     def raw_dtype(self, key: str) -> torch.dtype:
         """The dtype `key` is stored in, read from the shard's header."""
-        with self._open(self.shard_of[key]) as f:
-            return DTYPES.get(f.get_slice(key).get_dtype(), torch.uint8)
+        return DTYPES.get(self.headers[key].dtype, torch.uint8)
 
     def keys(self) -> list[str]:
         return list(self.shard_of)
-
-    def keys_in(self, shard: str) -> list[str]:
-        return [k for k, s in self.shard_of.items() if s == shard]
 
     def has(self, key: str) -> bool:
         return key in self.shard_of
@@ -153,15 +154,7 @@ class Checkpoint:
 
     def numel(self) -> int:
         """Values in the checkpoint (from the shards' headers)."""
-        total = 0
-        for shard in self.shards:
-            with self._open(shard) as f:
-                for key in f.keys():  # noqa: SIM118
-                    n = 1
-                    for d in f.get_slice(key).get_shape():
-                        n *= d
-                    total += n
-        return total
+        return sum(math.prod(s.shape) for s in self.headers.values())
 
     def nbytes(self) -> int:
         return sum((self.directory / s).stat().st_size for s in self.shards)

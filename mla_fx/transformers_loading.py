@@ -133,9 +133,9 @@ def _dequantized_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.T
     from mla_fx.checkpoint import FP8_DTYPES, Checkpoint
 
     ckpt = Checkpoint(path)
-    scales = {ckpt.scale_key(k) for k in ckpt.keys() if ckpt.raw_dtype(k) in FP8_DTYPES} - {None}
-    return {k: ckpt.tensor(k, dtype if ckpt.raw_dtype(k) in FP8_DTYPES else None)
-            for k in ckpt.keys() if k not in scales}
+    fp8 = {k for k in ckpt.keys() if ckpt.raw_dtype(k) in FP8_DTYPES}
+    scales = {ckpt.scale_key(k) for k in fp8}
+    return {k: ckpt.tensor(k, dtype if k in fp8 else None) for k in ckpt.keys() if k not in scales}
 
 
 @contextlib.contextmanager
