@@ -245,14 +245,15 @@ def export_step_onnx(programs, directory: Path):
     """Export the step (decode) program alone to `directory`/step.onnx, its weights beside it.
 
     Returns (path, onnx.ModelProto without weights loaded) so callers can read the cache inputs."""
-    from mla_fx.export.onnx import export_program
+    import onnx
+
+    from mla_fx.export.onnx import lower_program
     from mla_fx.export.onnx_weights import save_models
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model = export_program(programs, "step", "custom")
-    save_models({"step": model}, directory)
-    return directory / "step.onnx", model
+    save_models([lower_program(programs, "step", "custom")], directory, programs)
+    return directory / "step.onnx", onnx.load(directory / "step.onnx", load_external_data=False)
 
 
 def ort_session(path: Path, threads: int = THREADS):

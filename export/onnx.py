@@ -1,9 +1,13 @@
 """ONNX export of the inference programs: step.onnx and prefill.onnx plus a manifest, in one folder.
 
-`mla-fx export MODEL --onnx -o DIR`. Opset 23, dynamic batch / new tokens / cached tokens, the weights of both
-programs in one external-data file (`weights.data`, each tensor once: :mod:`.onnx_weights`), inputs and outputs
+`mla-fx export MODEL --onnx -o DIR`. Opset 23, dynamic batch / new tokens / cached tokens, inputs and outputs
 named like HF/optimum past_key_values:
 input_ids, position_ids, attention_mask, past_latent.{i} -> logits, present_latent.{i}.
+
+The exporter sees shapes only: every weight is a stand-in while the graph is lowered and optimized, and stays a
+named input of the ONNX graph until :mod:`.onnx_weights` writes it (each tensor once for both programs, into
+`weights.data`), read from memory or from a checkpoint's shards. So a model of any size exports in the memory of
+its largest tensor.
 """
 
 from __future__ import annotations
@@ -12,11 +16,16 @@ import copy
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnx
+import onnx_ir as ir
+import onnxscript.optimizer
+import onnxscript.rewriter.onnx_fusions
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import Dim
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -26,17 +35,16 @@ from mla_fx.inference import InferencePrograms
 from mla_fx.outputs import atomic_directory
 from mla_fx.passes.manager import run_passes
 from mla_fx.products import ONNX_FORMAT, ONNX_MANIFEST, past_name
+from mla_fx.structure import run_on_cpu
 
-from .latent_attention_onnx import DOMAIN, function_proto
-from .onnx_weights import WEIGHTS, save_models
+from .latent_attention_onnx import DOMAIN, OP_TYPE, function_proto
+from .onnx_weights import INLINE_BYTES, WEIGHTS, StoredWeight, bind_inline, save_models
 
 # torch.onnx lists every optional op library it cannot find (torchvision, ...) on each export
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 OPSET = 23
 IR_VERSION = 10  # onnx 1.23 writes 14 by default; onnxruntime 1.31 reads at most 13
-ONNX_ELEM_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
-                   onnx.TensorProto.DOUBLE: 8}
 
 
 def _dynamic_shapes(programs: InferencePrograms, name: str) -> tuple[dict[int, Any], ...]:
@@ -48,31 +56,108 @@ def _dynamic_shapes(programs: InferencePrograms, name: str) -> tuple[dict[int, A
     return (tokens, tokens, {0: batch, 1: Dim.AUTO}, *({0: batch, 1: past} for _ in programs.sites))
 
 
-def export_program(programs: InferencePrograms, name: str, attention: str, opset: int = OPSET) -> onnx.ModelProto:
+@dataclass
+class OnnxProgram:
+    """An exported program whose weights are not in it yet. Each weight is a graph input named like the program's
+    parameter (no value, so the exporter's optimizer cannot fold it or read it) until :func:`.onnx_weights.save_models`
+    writes it; `weights` maps those names to the layout the graph reads (a Transpose of the parameter folded in)."""
+
+    name: str
+    model: ir.Model
+    weights: dict[str, StoredWeight]
+
+
+def _stand_ins(gm: torch.fx.GraphModule) -> set[str]:
+    """Each parameter, and each buffer on meta or larger than INLINE_BYTES, replaced by a stand-in of its shape and
+    dtype that holds one value (stride 0): the exporter sees shapes only, whatever the weights' size or device."""
+    names = set()
+    for name, tensor in [*gm.named_parameters(), *gm.named_buffers()]:
+        is_param = isinstance(tensor, torch.nn.Parameter)
+        if not is_param and not tensor.is_meta and tensor.numel() * tensor.element_size() <= INLINE_BYTES:
+            continue
+        owner_name, _, leaf = name.rpartition(".")
+        owner = gm.get_submodule(owner_name)
+        stand_in = torch.zeros((), dtype=tensor.dtype).expand(tensor.shape)
+        if is_param:
+            owner._parameters[leaf] = torch.nn.Parameter(stand_in, requires_grad=False)
+        else:
+            owner._buffers[leaf] = stand_in
+        names.add(name)
+    run_on_cpu(gm.graph)  # a program captured on meta creates its tensors (arange, masks) on meta
+    gm.recompile()
+    return names
+
+
+def _weights_as_inputs(model: ir.Model, names: set[str]) -> list[ir.Value]:
+    """The stand-ins' initializers become value-less inputs (appended after the program's own inputs)."""
+    values = []
+    for name in sorted(names):
+        value = model.graph.initializers.pop(name, None)
+        if value is None:
+            continue  # a weight the exported graph does not read
+        value.const_value = None
+        model.graph.inputs.append(value)
+        values.append(value)
+    return values
+
+
+def _fold_transposes(values: list[ir.Value]) -> dict[str, StoredWeight]:
+    """A weight read only through Transposes of one permutation (a linear's W^T) is stored permuted, as the
+    exporter's optimizer would fold it, and the Transposes go."""
+    stored = {}
+    for value in values:
+        perm = None
+        users = [node for node, _ in value.uses()]
+        if users and all(n.op_type == "Transpose" and n.domain == "" for n in users):
+            perms = {tuple(n.attributes["perm"].as_ints()) for n in users}
+            if len(perms) == 1:
+                (perm,) = perms
+                for node in users:
+                    ir.convenience.replace_all_uses_with(node.outputs[0], value)
+                    node.graph.remove(node, safe=True)
+                value.shape = ir.Shape([value.shape[i] for i in perm])
+        stored[value.name] = StoredWeight(value.name, perm)
+    return stored
+
+
+def lower_program(programs: InferencePrograms, name: str, attention: str, opset: int = OPSET) -> OnnxProgram:
+    """The step or prefill program in ONNX (opset `opset`, optimized), its weights left as named inputs."""
     gm = copy.deepcopy(programs.step if name == "step" else programs.prefill).eval()
     example = programs.step_example() if name == "step" else programs.prefill_example()
-    ShapeProp(gm).propagate(*example)
+    stand_ins = _stand_ins(gm)
+    ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example)
     gm, _ = run_passes(gm, pipelines.onnx_lowering(attention))
     try:
         onnx_program = torch.onnx.export(
             gm, example, dynamic_shapes=_dynamic_shapes(programs, name), input_names=programs.input_names(name),
-            output_names=programs.output_names(), opset_version=opset, dynamo=True, optimize=True, verbose=False)
+            output_names=programs.output_names(), opset_version=opset, dynamo=True, optimize=False, verbose=False)
     except Exception as e:
         raise MLAFXError(f"ONNX export of the {name} program failed: {type(e).__name__}: {e}") from e
-    model = onnx_program.model_proto
-    if any(n.domain == DOMAIN for n in model.graph.node):
-        model.functions.append(function_proto())
+    model = onnx_program.model
+    weights = _fold_transposes(_weights_as_inputs(model, stand_ins))
+    # what torch.onnx.export(optimize=True) runs; the weights are inputs, so nothing folds or reads them
+    onnxscript.optimizer.optimize_ir(model)
+    onnxscript.rewriter.onnx_fusions.fuse(model)
+    if any(n.domain == DOMAIN for n in model.graph):
+        model.functions[(DOMAIN, OP_TYPE, "")] = ir.serde.deserialize_function(function_proto())
     model.ir_version = min(model.ir_version, IR_VERSION)
-    return model
+    return OnnxProgram(name, model, weights)
 
 
-def cache_report(model: onnx.ModelProto, programs: InferencePrograms) -> list[dict[str, int]]:
+def export_program(programs: InferencePrograms, name: str, attention: str, opset: int = OPSET) -> onnx.ModelProto:
+    """One program as a self-contained ModelProto, its weights inline (for small models: tests, benchmarks)."""
+    lowered = lower_program(programs, name, attention, opset)
+    bind_inline(lowered, lambda param: programs.weight(name, param))
+    return ir.serde.serialize_model(lowered.model)
+
+
+def cache_report(model: ir.Model, programs: InferencePrograms) -> list[dict[str, int]]:
     """Bytes per token per layer read off the exported cache inputs, next to the other layouts."""
     rows = []
-    inputs = {i.name: i for i in model.graph.input}
+    inputs = {i.name: i for i in model.graph.inputs}
     for i, site in enumerate(programs.sites):
-        t = inputs[past_name(i)].type.tensor_type
-        width, elem = t.shape.dim[-1].dim_value, ONNX_ELEM_BYTES[t.elem_type]
+        value = inputs[past_name(i)]
+        width, elem = int(value.shape[-1]), value.dtype.itemsize
         values = site.spec.cache_values_per_token()
         rows.append({"layer": i, "latent_values": width, "latent_bytes": width * elem,
                      "expanded_kv_bytes": values["expanded_kv"] * elem,
@@ -81,9 +166,10 @@ def cache_report(model: onnx.ModelProto, programs: InferencePrograms) -> list[di
 
 
 def export_onnx(programs: InferencePrograms, out: Path, *, attention: str = "custom", opset: int = OPSET,
-                model_name: str = "", tokenizer: str | None = None, progress=None,
+                model_name: str = "", tokenizer: str | None = None, progress=None, quiet: bool = True,
                 verify: Callable[[Path], None] | None = None) -> dict[str, Any]:
-    """Write step.onnx, prefill.onnx and the manifest into `out`, all or nothing.
+    """Write step.onnx, prefill.onnx and the manifest into `out`, all or nothing. The weights are read one at a
+    time (`programs.weight`: from memory, or computed from a checkpoint's shards) and written once each.
 
     `verify(folder)` runs on the finished export before it replaces `out`; if it raises, nothing is
     written and an earlier export at `out` stays."""
@@ -92,8 +178,8 @@ def export_onnx(programs: InferencePrograms, out: Path, *, attention: str = "cus
         for name in ("step", "prefill"):
             if progress:
                 progress(f"exporting the {name} program to ONNX (opset {opset}, attention {attention})")
-            files[name] = export_program(programs, name, attention, opset)
-        weights = save_models(files, tmp)
+            files[name] = lower_program(programs, name, attention, opset)
+        weights = save_models(list(files.values()), tmp, programs, quiet=quiet)
         manifest = {
             "format": ONNX_FORMAT, "model": model_name, "opset": opset, "attention": attention,
             "dtype": str(programs.dtype).removeprefix("torch."), "vocab_size": programs.vocab_size,
@@ -102,7 +188,7 @@ def export_onnx(programs: InferencePrograms, out: Path, *, attention: str = "cus
                                 "outputs": programs.output_names()} for name in files},
             "layers": [{"latent_dim": s.spec.latent_dim, "spec": s.spec.to_dict()} for s in programs.sites],
             "weights": {"file": WEIGHTS, **weights},
-            "cache_bytes_per_token": cache_report(files["step"], programs),
+            "cache_bytes_per_token": cache_report(files["step"].model, programs),
             "crossover_tokens": programs.stats.get("crossover_tokens"),
         }
         (tmp / ONNX_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

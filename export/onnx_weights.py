@@ -1,54 +1,160 @@
-"""ONNX models saved with one shared copy of their weights.
+"""The weights of exported ONNX programs, written once each into one external-data file.
 
 step.onnx (absorbed) and prefill.onnx (un-absorbed) read mostly the same weights: embeddings, norms, query and
-latent projections, experts, lm_head. Each initializer larger than INLINE_BYTES goes into WEIGHTS, an ONNX
-external-data file beside the models (protobuf caps a model at 2 GiB; weights stay outside it at any size), once
-per distinct content: the exporter's optimizer renames what it folds (a linear's transposed weight becomes
-`val_42` in one model and `val_57` in the other), so tensors are matched by their bytes (a BLAKE2b digest), not
-their names. Only the weights that differ (W_UK/W_UV in step, kv_b_proj in prefill) are stored for one model
-alone. Offsets are aligned to ALIGN bytes, so ONNX Runtime can map them.
+latent projections, experts, lm_head. The exporter leaves each weight a named input of its graph (the program's
+parameter name; :func:`.onnx.lower_program`); here every weight is read from its program (`value(program,
+parameter)`: a tensor in memory, or one computed from a checkpoint's shards), laid out as the graph reads it
+(a folded Transpose), written into WEIGHTS once per distinct source and layout, and bound as an external-data
+initializer of every model that reads it. Only the weights the absorption changes (W_UK/W_UV in step, kv_b_proj
+in prefill) are stored for one model alone. One weight is in memory at a time, so a model of any size exports in
+the memory of its largest tensor. Constants the optimizer folded (shapes, masks) larger than INLINE_BYTES are
+written too; offsets are aligned to ALIGN bytes, so ONNX Runtime can map them; protobuf's 2 GiB cap never applies.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import os
+from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import onnx
-from onnx.external_data_helper import set_external_data
+import onnx_ir as ir
+import torch
+from onnx_ir.tensor_adapters import from_torch_dtype
+
+from mla_fx.errors import MLAFXError
+
+if TYPE_CHECKING:
+    from .onnx import OnnxProgram
 
 WEIGHTS = "weights.data"
 INLINE_BYTES = 1024  # smaller initializers (shapes, scalars) stay in the model
 ALIGN = 4096
 
 
-def save_models(models: dict[str, onnx.ModelProto], folder: Path) -> dict[str, int]:
-    """Write `folder/{name}.onnx` for each model, their large weights in `folder/WEIGHTS` once each; the models'
-    initializers are moved out of the given protos (those of subgraphs stay inline). Returns `weights` (bytes of
-    WEIGHTS) and `shared` (bytes read from a copy another initializer also reads, which separate files would
+class StoredWeight(NamedTuple):
+    """A weight as an exported graph reads it: the program's parameter, permuted by `perm` if not None."""
+
+    parameter: str
+    perm: tuple[int, ...] | None
+
+    def layout(self, tensor: torch.Tensor) -> torch.Tensor:
+        return (tensor if self.perm is None else tensor.permute(self.perm)).contiguous()
+
+
+class WeightSource(Protocol):
+    """Where the weights come from (:class:`mla_fx.inference.InferencePrograms`)."""
+
+    def weight(self, program: str, parameter: str) -> torch.Tensor: ...
+
+    def weight_parts(self, program: str, parameter: str) -> Iterable[torch.Tensor]: ...
+
+    def weight_identity(self, program: str, parameter: str) -> Hashable | None:
+        """A key equal for two parameters known to hold the same tensor; None: compare their bytes."""
+
+
+def bind_inline(program: OnnxProgram, value: Callable[[str], torch.Tensor]) -> None:
+    """Every weight of `program` inline in its model (small models only: protobuf's 2 GiB cap)."""
+    for name, weight in program.weights.items():
+        _bind(program.model, name, ir.tensor(weight.layout(value(weight.parameter).detach()), name=name))
+
+
+def _bind(model: ir.Model, name: str, tensor: ir.TensorProtocol) -> None:
+    (value,) = [v for v in model.graph.inputs if v.name == name]
+    model.graph.inputs.remove(value)
+    value.const_value = tensor
+    model.graph.register_initializer(value)
+
+
+class _Writer:
+    def __init__(self, path: Path, bar):
+        self.file, self.bar, self.path = open(path, "wb"), bar, path
+
+    def write_parts(self, parts: Iterable[torch.Tensor | memoryview]) -> tuple[int, int]:
+        """Append the parts, one after the other, at the next aligned offset; returns (offset, length)."""
+        self.file.write(b"\0" * (-self.file.tell() % ALIGN))
+        offset = self.file.tell()
+        for part in parts:
+            data = _raw(part) if isinstance(part, torch.Tensor) else part
+            self.file.write(data)
+            self.bar.update(len(data))
+        return offset, self.file.tell() - offset
+
+
+def _raw(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.contiguous().view(torch.uint8).reshape(-1).numpy())
+
+
+def _digest(data) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def save_models(programs: Iterable[OnnxProgram], folder: Path, source: WeightSource,
+                quiet: bool = True) -> dict[str, int]:
+    """Write `folder/{name}.onnx` for each program and every weight into `folder/WEIGHTS`, each once. Returns
+    `weights` (bytes of WEIGHTS) and `shared` (bytes read by more than one model, which separate files would
     repeat)."""
-    placed: dict[bytes, int] = {}  # digest of the bytes -> their offset in WEIGHTS
+    from tqdm import tqdm
+
+    programs = list(programs)
+    placed: dict[tuple, tuple[int, int]] = {}  # (source, layout) or content -> (offset, length) in WEIGHTS
     shared = 0
-    with open(folder / WEIGHTS, "wb") as out:
-        for model in models.values():
-            for tensor in model.graph.initializer:
-                if not tensor.HasField("raw_data") or len(tensor.raw_data) <= INLINE_BYTES:
-                    continue
-                data = tensor.raw_data
-                digest = hashlib.blake2b(data, digest_size=16).digest() + len(data).to_bytes(8, "little")
-                if digest in placed:
-                    offset = placed[digest]
-                    shared += len(data)
-                else:
-                    out.write(b"\0" * (-out.tell() % ALIGN))
-                    offset = placed[digest] = out.tell()
-                    out.write(data)
-                set_external_data(tensor, location=WEIGHTS, offset=offset, length=len(data))
-                tensor.ClearField("raw_data")
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-        size = out.tell()
-    for name, model in models.items():
-        path = folder / f"{name}.onnx"
-        onnx.save_model(model, path)
+    total = sum(v.dtype.itemsize * math.prod(v.shape.numpy()) for p in programs for v in p.model.graph.inputs
+                if v.name in p.weights)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="export: weights", disable=quiet) as bar:
+        writer = _Writer(folder / WEIGHTS, bar)
+        with writer.file:
+            for program in programs:
+                for name, weight in program.weights.items():
+                    value = next(v for v in program.model.graph.inputs if v.name == name)
+                    if value.dtype.itemsize * math.prod(value.shape.numpy()) <= INLINE_BYTES:  # norms' scales
+                        _bind(program.model, name, ir.tensor(weight.layout(source.weight(program.name,
+                                                                                         weight.parameter)), name=name))
+                        continue
+                    identity = source.weight_identity(program.name, weight.parameter)
+                    if identity is None:  # in memory: the same bytes are the same weight
+                        laid_out = weight.layout(source.weight(program.name, weight.parameter))
+                        key = (from_torch_dtype(laid_out.dtype), tuple(laid_out.shape), _digest(_raw(laid_out)))
+                        parts = [laid_out]
+                    else:
+                        key = (identity, weight.perm)
+                        parts = None
+                    if key not in placed:
+                        if parts is None and (weight.perm is None or weight.perm[0] == 0):
+                            parts = (weight.layout(p) for p in source.weight_parts(program.name, weight.parameter))
+                        elif parts is None:
+                            parts = [weight.layout(source.weight(program.name, weight.parameter))]
+                        placed[key] = writer.write_parts(parts)
+                    else:
+                        shared += placed[key][1]
+                        bar.update(placed[key][1])
+                    offset, length = placed[key]
+                    if length != value.dtype.itemsize * math.prod(value.shape.numpy()):
+                        raise MLAFXError(f"{name}: {length} bytes written where the {program.name} program reads "
+                                         f"{value.dtype} {list(value.shape)}")
+                    _bind(program.model, name, ir.ExternalTensor(WEIGHTS, offset, length, value.dtype,
+                                                                 shape=value.shape, name=name, base_dir=folder))
+                    parts = laid_out = None
+                for init in list(program.model.graph.initializers.values()):
+                    const = init.const_value
+                    if isinstance(const, ir.ExternalTensor) or const is None or const.nbytes <= INLINE_BYTES:
+                        continue
+                    data = const.tobytes()
+                    key = (const.dtype, tuple(const.shape.numpy()), _digest(data))
+                    if key in placed:
+                        shared += len(data)
+                    else:
+                        placed[key] = writer.write_parts([memoryview(data)])
+                    init.const_value = ir.ExternalTensor(WEIGHTS, placed[key][0], len(data), const.dtype,
+                                                         shape=const.shape, name=init.name, base_dir=folder)
+            writer.file.flush()
+            os.fsync(writer.file.fileno())
+            size = writer.file.tell()
+    for program in programs:
+        path = folder / f"{program.name}.onnx"
+        ir.save(program.model, path)
         onnx.checker.check_model(str(path))
     return {"weights": size, "shared": shared}
