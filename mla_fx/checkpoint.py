@@ -160,13 +160,21 @@ class Checkpoint:
         return sum((self.directory / s).stat().st_size for s in self.shards)
 
     def resolve(self, module_key: str) -> str:
-        """The checkpoint key of a module parameter: the same name, else the one key that ends like it from
-        `layers.` on (a multimodal model's text decoder is stored under a prefix)."""
+        """The checkpoint key of a module parameter: the same name, else the one key that ends like it, its
+        leading components dropped one by one (a multimodal model's text decoder is stored under a prefix:
+        `model.layers.0...` is `model.language_model.layers.0...`, `model.norm.weight` is
+        `model.language_model.norm.weight`); a layer's key keeps `layers.N`, never one of several."""
         if module_key in self.shard_of:
             return module_key
-        tail = module_key[module_key.find("layers."):] if "layers." in module_key else module_key
-        found = [k for k in self.shard_of if k.endswith("." + tail) or k == tail]
+        parts = module_key.split(".")
+        last = parts.index("layers") if "layers" in parts else len(parts) - 2  # a layer's key keeps its index
+        found: list[str] = []
+        for start in range(last + 1):
+            tail = ".".join(parts[start:])
+            found = [k for k in self.shard_of if k.endswith("." + tail) or k == tail]
+            if found:
+                break
         if len(found) != 1:
-            raise LoadError(f"{self.directory}: the absorbed weights are computed from {module_key!r}, which "
-                            f"is {'ambiguous' if found else 'not a key'} in the checkpoint")
+            raise LoadError(f"{self.directory}: the model reads {module_key!r}, which is "
+                            f"{'ambiguous' if found else 'not a key'} in the checkpoint")
         return found[0]

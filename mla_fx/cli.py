@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 import re
 import signal
@@ -132,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--onnx, float16 for --trt)")
     p.add_argument("--decode-steps", type=_count(1), default=16, help="decode steps in the check after export")
     p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime check after export")
+    p.add_argument("--check-memory", type=_non_negative_float, default=4.0, metavar="GIB",
+                   help="HF checkpoint directories (their weights stream into the export): run the ONNX Runtime "
+                        "check (the original and two sessions in memory) only where it needs at most this much "
+                        "(default 4)")
 
     sub.add_parser("bench", help="the CPU benchmark suite: tables, CSV, plots (mla-fx bench --help)")
 
@@ -420,10 +425,8 @@ def _print_cache(manifest) -> None:
 def cmd_export(args) -> int:
     from mla_fx.absorb import AbsorbConfig
     from mla_fx.api import Progress
-    from mla_fx.check_backends import check_backends
     from mla_fx.export.onnx import export_onnx
     from mla_fx.inference import build_programs
-    from mla_fx.ort_backend import OnnxBackend
 
     if args.onnx == args.trt:
         raise MLAFXError("choose one output format: --onnx or --trt")
@@ -445,9 +448,12 @@ def cmd_export(args) -> int:
 
     check_writable(args.output, directory=True, what="the export")
     progress = Progress(args.quiet)
+    dtype = getattr(torch, args.dtype or ("float16" if args.trt else "float32"))
+    checkpoint = None if args.trt else _streamable_checkpoint(args)
+    if checkpoint is not None:
+        return _export_checkpoint(args, checkpoint, dtype, progress)
     progress(f"loading {args.model}")
     loaded = _load_model(args)
-    dtype = getattr(torch, args.dtype or ("float16" if args.trt else "float32"))
     loaded = loaded.to(dtype)
     progress("building the step (absorbed) and prefill (un-absorbed) programs")
     programs = build_programs(loaded, AbsorbConfig(mode=args.mode))
@@ -458,23 +464,90 @@ def cmd_export(args) -> int:
 
     def verify(folder: Path) -> None:
         """ONNX Runtime against the original, on the finished export before it replaces -o."""
-        progress(f"checking ONNX Runtime against the original ({args.decode_steps} decode steps)")
-        backend = OnnxBackend(folder, ["CPUExecutionProvider"])
-        comparisons = check_backends(loaded.reference(), [("onnxruntime", backend)], token_prompts(loaded),
-                                     args.decode_steps, programs.dtype)
-        _print_comparisons(comparisons)
-        if not all(c.passed for c in comparisons):
-            raise CheckFailed(f"ONNX Runtime does not match the original; {args.output} not written")
+        _check_export(args, loaded, folder, progress)
 
     manifest = export_onnx(programs, args.output, attention=args.attention, opset=args.opset,
-                           model_name=loaded.name, tokenizer=tokenizer, progress=progress,
+                           model_name=loaded.name, tokenizer=tokenizer, progress=progress, quiet=args.quiet,
                            verify=verify if check else None)
-    print(f"{loaded.name}: {len(programs.sites)} MLA layer(s), mode {programs.mode}, wrote {args.output}/"
+    _print_export(args, loaded.name, programs, manifest, dtype)
+    return 0
+
+
+def _streamable_checkpoint(args):
+    """MODEL as a HF safetensors checkpoint whose export streams its weights, else None (loaded whole)."""
+    from mla_fx.checkpoint import Checkpoint
+
+    model = Path(args.model)
+    if args.config is not None or not model.is_dir() or not any(model.glob("*.safetensors")):
+        return None
+    from mla_fx.models.reference import MODEL_TYPE
+
+    config = model / "config.json"
+    try:
+        if not config.is_file() or json.loads(config.read_text()).get("model_type") == MODEL_TYPE:
+            return None  # not a HF checkpoint (an mla-fx reference model directory loads whole)
+    except (OSError, ValueError) as e:
+        raise MLAFXError(f"{config}: not readable as JSON: {e}") from e
+    return Checkpoint(model)
+
+
+def _export_checkpoint(args, checkpoint, dtype: torch.dtype, progress) -> int:
+    """A HF checkpoint of any size: programs built on its structure (meta weights), each weight read from the
+    shards when it is written; the ONNX Runtime check runs where the original fits in --check-memory."""
+    from mla_fx.absorb import AbsorbConfig
+    from mla_fx.checkpoint_checks import machine_memory
+    from mla_fx.export.onnx import export_onnx
+    from mla_fx.inference import plan_programs
+
+    progress(f"capturing {checkpoint.directory} with meta weights ({len(checkpoint.shards)} shard(s), "
+             f"{checkpoint.nbytes() / 2**30:.2f} GiB) and building the step and prefill programs")
+    programs = plan_programs(checkpoint, AbsorbConfig(mode=args.mode), dtype)
+    if programs.note:
+        print(f"note: {programs.note}")
+    # the original in memory, and ONNX Runtime's two sessions over the exported weights
+    need = checkpoint.numel() * dtype.itemsize * 3
+    budget = min(int(args.check_memory * 2**30), machine_memory() // 2)
+    skipped = None
+    if args.no_check or dtype == torch.bfloat16:
+        verify = None
+    elif need > budget:
+        verify = None
+        skipped = (f"ONNX Runtime check skipped: it would hold {need / 2**30:.1f} GiB (the original and two "
+                   f"sessions in {str(dtype).removeprefix('torch.')}), more than its {budget / 2**30:.1f} GiB "
+                   "budget (--check-memory); the export's weights were read from the checkpoint as the graph names "
+                   "them, shapes and sizes checked")
+    else:
+        def verify(folder: Path) -> None:
+            progress(f"loading {args.model} to check the export against it")
+            _check_export(args, _load_model(args).to(dtype), folder, progress)
+
+    manifest = export_onnx(programs, args.output, attention=args.attention, opset=args.opset,
+                           model_name=str(args.model), progress=progress, quiet=args.quiet, verify=verify)
+    if skipped:
+        print(skipped)
+    _print_export(args, str(args.model), programs, manifest, dtype)
+    return 0
+
+
+def _check_export(args, loaded, folder: Path, progress) -> None:
+    from mla_fx.check_backends import check_backends
+    from mla_fx.ort_backend import OnnxBackend
+
+    progress(f"checking ONNX Runtime against the original ({args.decode_steps} decode steps)")
+    backend = OnnxBackend(folder, ["CPUExecutionProvider"])
+    comparisons = check_backends(loaded.reference(), [("onnxruntime", backend)], token_prompts(loaded),
+                                 args.decode_steps, loaded.dtype)
+    _print_comparisons(comparisons)
+    if not all(c.passed for c in comparisons):
+        raise CheckFailed(f"ONNX Runtime does not match the original; {args.output} not written")
+
+
+def _print_export(args, name: str, programs, manifest, dtype: torch.dtype) -> None:
+    print(f"{name}: {len(programs.sites)} MLA layer(s), mode {programs.mode}, wrote {args.output}/"
           f"{{step,prefill}}.onnx")
     _print_cache(manifest)
     if dtype == torch.bfloat16 and not args.no_check:
         print("ONNX Runtime has no bfloat16 kernels on CPU: check skipped (TensorRT runs bf16 engines)")
-    return 0
 
 
 def _export_trt(args, loaded, programs, tokenizer, progress) -> int:
@@ -582,6 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "quiet", False):
             _quiet_libraries()
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")  # torch.export internals
+    warnings.filterwarnings("ignore", message=".*The axis name: .* will not be used")  # torch.onnx internals
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:

@@ -52,9 +52,12 @@ class Structure:
     max_seq: int
     dtype: torch.dtype
     note: str | None = None
+    model_type: str = ""
+    positions: bool = False  # captured as (input_ids, position_ids) -> logits
 
-    def example(self) -> tuple[torch.Tensor]:
-        return (torch.zeros(EXAMPLE_SHAPE, dtype=torch.long, device="meta"),)
+    def example(self) -> tuple[torch.Tensor, ...]:
+        ids = torch.zeros(EXAMPLE_SHAPE, dtype=torch.long, device="meta")
+        return (ids, ids.clone()) if self.positions else (ids,)
 
     def fresh_graph(self) -> fx.GraphModule:
         """A copy the passes may rewrite (meta weights make the copy free); recipes stay marked."""
@@ -93,9 +96,9 @@ def _non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return found
 
 
-def capture_structure(checkpoint: Checkpoint, dtype: torch.dtype | None = None) -> Structure:
-    """Build the checkpoint's causal LM with meta weights and capture it (ids -> logits) in `dtype`
-    (default: the checkpoint's compute dtype)."""
+def capture_structure(checkpoint: Checkpoint, dtype: torch.dtype | None = None, positions: bool = False) -> Structure:
+    """Build the checkpoint's causal LM with meta weights and capture it (ids -> logits, or (ids, positions) ->
+    logits as the inference programs need) in `dtype` (default: the checkpoint's compute dtype)."""
     from mla_fx import transformers_loading
 
     tf = require("transformers", "hf", "Reading a HF checkpoint")
@@ -113,7 +116,8 @@ def capture_structure(checkpoint: Checkpoint, dtype: torch.dtype | None = None) 
     wrapper.to("meta")
     cfg = choice.config
     max_seq = getattr(cfg, "max_position_embeddings", None) or 4096
-    gm = capture(wrapper, (torch.zeros(EXAMPLE_SHAPE, dtype=torch.long, device="meta"),), max_seq=max_seq)
-    _mark(gm)
-    return Structure(gm, buffers, int(cfg.vocab_size), int(max_seq), dtype,
-                     transformers_loading.text_decoder_note(choice))
+    structure = Structure(None, buffers, int(cfg.vocab_size), int(max_seq), dtype,
+                          transformers_loading.text_decoder_note(choice), cfg.model_type, positions)
+    structure.graph = capture(wrapper, structure.example(), max_seq=max_seq)
+    _mark(structure.graph)
+    return structure

@@ -16,7 +16,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,3 +169,45 @@ def text_decoder_note(choice: ModelChoice) -> str | None:
         return None
     return (f"{choice.multimodal_cls.__name__} is multimodal: its MLA text decoder ({choice.cls.__name__}) is absorbed "
             "and exported; the vision tower is left out")
+
+
+def fused_parameter(model_type: str, module_key: str, keys: list[str],
+                    read: Callable[[str], torch.Tensor]) -> Iterator[torch.Tensor] | None:
+    """A parameter transformers fuses from several checkpoint tensors at load time (MoE experts stored one by one
+    become one [experts, ...] parameter), made by transformers' own conversion ops from the tensors `read(key)`
+    gives, in parts along its first dimension (one expert at a time: DeepSeek-V3's fused experts would be 15 GB at
+    once). None where no conversion of the model type targets `module_key`."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import MergeModulelist, WeightConverter
+
+    tail = module_key[module_key.find("layers."):] if "layers." in module_key else module_key
+    for converter in get_checkpoint_conversion_mapping(model_type) or []:
+        if not isinstance(converter, WeightConverter) or len(converter.target_patterns) != 1:
+            continue
+        (target,) = converter.target_patterns
+        if not tail.endswith(target):
+            continue
+        if not isinstance(converter.operations[0], MergeModulelist) or converter.operations[0].dim != 0:
+            raise LoadError(f"{module_key}: transformers builds it by {converter.operations}, which mla-fx does not "
+                            "read in parts")
+        prefix = re.escape(tail[: len(tail) - len(target)])
+        found = {}
+        for pattern in converter.source_patterns:
+            regex = re.compile(r"(?:^|.*\.)" + prefix + re.escape(pattern).replace(r"\*", r"(\d+)") + "$")
+            found[pattern] = dict(sorted((int(m.group(1)), k) for k in keys if (m := regex.match(k))))
+        experts = sorted(next(iter(found.values())))
+        if not experts or any(sorted(f) != experts for f in found.values()):
+            raise LoadError(f"{module_key}: the checkpoint does not hold the same experts for each of "
+                            f"{converter.source_patterns}")
+
+        def parts(converter=converter, target=target, found=found, experts=experts) -> Iterator[torch.Tensor]:
+            for j in experts:
+                data = {pattern: [read(found[pattern][j])] for pattern in converter.source_patterns}
+                for op in converter.operations:
+                    data = op.convert(data, source_patterns=list(converter.source_patterns),
+                                      target_patterns=[target], full_layer_name=module_key)
+                (value,) = data.values()
+                yield value
+
+        return parts()
+    return None

@@ -1,0 +1,63 @@
+"""The values of a structure's graph parameters, read from a checkpoint one tensor at a time.
+
+A graph parameter is one checkpoint key (FP8 dequantized), or several that transformers fuses at load time (MoE
+experts stored one by one; :func:`mla_fx.transformers_loading.fused_parameter`), read in parts. Buffers the
+checkpoint does not hold (RoPE's `inv_freq`) come from the structure. Values are in the structure's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from mla_fx.checkpoint import Checkpoint
+from mla_fx.errors import LoadError
+from mla_fx.structure import Structure
+from mla_fx.transformers_loading import fused_parameter
+
+
+class CheckpointParameters:
+    def __init__(self, checkpoint: Checkpoint, structure: Structure):
+        self.checkpoint, self.structure = checkpoint, structure
+
+    def _read(self, key: str) -> torch.Tensor:
+        return self.checkpoint.tensor(key, self.structure.dtype)
+
+    def parts(self, name: str) -> Iterator[torch.Tensor]:
+        """`name`'s value in parts along its first dimension (one part unless transformers fuses it)."""
+        if name in self.structure.buffers:
+            yield self.structure.buffers[name]
+            return
+        module_key = name.removeprefix("model.")
+        try:
+            key = self.checkpoint.resolve(module_key)
+        except LoadError:
+            fused = fused_parameter(self.structure.model_type, module_key, list(self.checkpoint.shard_of), self._read)
+            if fused is None:
+                raise
+            yield from fused
+            return
+        yield self._read(key)
+
+    def problems(self, parameters: dict[str, torch.Size]) -> list[str]:
+        """What the checkpoint lacks for these graph parameters (name -> shape), before any weight is read."""
+        found = []
+        for name, shape in parameters.items():
+            if name in self.structure.buffers:
+                continue
+            module_key = name.removeprefix("model.")
+            try:
+                stored = tuple(self.checkpoint.headers[self.checkpoint.resolve(module_key)].shape)
+            except LoadError:
+                if fused_parameter(self.structure.model_type, module_key, list(self.checkpoint.shard_of),
+                                   self._read) is None:
+                    found.append(f"{module_key} is missing")
+                continue
+            if stored != tuple(shape):
+                found.append(f"{module_key} is {list(stored)} where config.json makes it {list(shape)}")
+        return found
+
+    def __call__(self, name: str) -> torch.Tensor:
+        parts = list(self.parts(name))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
