@@ -69,27 +69,78 @@ def _bind(model: ir.Model, name: str, tensor: ir.TensorProtocol) -> None:
     model.graph.register_initializer(value)
 
 
-class _Writer:
-    def __init__(self, path: Path, bar):
-        self.file, self.bar, self.path = open(path, "wb"), bar, path
-
-    def write_parts(self, parts: Iterable[torch.Tensor | memoryview]) -> tuple[int, int]:
-        """Append the parts, one after the other, at the next aligned offset; returns (offset, length)."""
-        self.file.write(b"\0" * (-self.file.tell() % ALIGN))
-        offset = self.file.tell()
-        for part in parts:
-            data = _raw(part) if isinstance(part, torch.Tensor) else part
-            self.file.write(data)
-            self.bar.update(len(data))
-        return offset, self.file.tell() - offset
-
-
 def _raw(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.contiguous().view(torch.uint8).reshape(-1).numpy())
 
 
 def _digest(data) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def _nbytes(value: ir.Value) -> int:
+    return value.dtype.itemsize * math.prod(value.shape.numpy())
+
+
+class _WeightsFile:
+    """WEIGHTS being written: each distinct tensor once, at an aligned offset; `shared` counts the bytes bound
+    again from a copy already written."""
+
+    def __init__(self, folder: Path, bar):
+        self.folder, self.bar = folder, bar
+        self.file = open(folder / WEIGHTS, "wb")
+        self.placed: dict[Hashable, tuple[int, int]] = {}  # source (or content) -> (offset, length)
+        self.shared = 0
+
+    def place(self, key: Hashable, parts: Callable[[], Iterable[torch.Tensor | memoryview]]) -> tuple[int, int]:
+        """(offset, length) of `key`'s bytes: written now from `parts()`, one after the other, unless already."""
+        if key in self.placed:
+            self.shared += self.placed[key][1]
+            self.bar.update(self.placed[key][1])
+            return self.placed[key]
+        self.file.write(b"\0" * (-self.file.tell() % ALIGN))
+        offset = self.file.tell()
+        for part in parts():
+            data = _raw(part) if isinstance(part, torch.Tensor) else part
+            self.file.write(data)
+            self.bar.update(len(data))
+        self.placed[key] = offset, self.file.tell() - offset
+        return self.placed[key]
+
+    def bind_weight(self, program: OnnxProgram, name: str, source: WeightSource) -> None:
+        """The weight input `name` of `program` becomes an initializer: inline if small, else in WEIGHTS."""
+        value = next(v for v in program.model.graph.inputs if v.name == name)
+        weight = program.weights[name]
+        if _nbytes(value) <= INLINE_BYTES:  # norms' scales, biases
+            _bind(program.model, name, ir.tensor(weight.layout(source.weight(program.name, weight.parameter)),
+                                                 name=name))
+            return
+        identity = source.weight_identity(program.name, weight.parameter)
+        if identity is None:  # in memory: the same bytes are the same weight
+            laid_out = weight.layout(source.weight(program.name, weight.parameter))
+            key = (from_torch_dtype(laid_out.dtype), tuple(laid_out.shape), _digest(_raw(laid_out)))
+            offset, length = self.place(key, lambda: [laid_out])
+        elif weight.perm is None or weight.perm[0] == 0:  # in parts along dim 0 (one expert at a time)
+            offset, length = self.place((identity, weight.perm), lambda: (
+                weight.layout(part) for part in source.weight_parts(program.name, weight.parameter)))
+        else:
+            offset, length = self.place((identity, weight.perm), lambda: [
+                weight.layout(source.weight(program.name, weight.parameter))])
+        if length != _nbytes(value):
+            raise MLAFXError(f"{name}: {length} bytes written where the {program.name} program reads {value.dtype} "
+                             f"{list(value.shape)}")
+        _bind(program.model, name, ir.ExternalTensor(WEIGHTS, offset, length, value.dtype, shape=value.shape,
+                                                     name=name, base_dir=self.folder))
+
+    def move_constant(self, init: ir.Value) -> None:
+        """A constant the optimizer folded (a shape table, a mask) into WEIGHTS, if larger than INLINE_BYTES."""
+        const = init.const_value
+        if const is None or isinstance(const, ir.ExternalTensor) or const.nbytes <= INLINE_BYTES:
+            return
+        data = const.tobytes()
+        offset, length = self.place((const.dtype, tuple(const.shape.numpy()), _digest(data)),
+                                    lambda: [memoryview(data)])
+        init.const_value = ir.ExternalTensor(WEIGHTS, offset, length, const.dtype, shape=const.shape, name=init.name,
+                                             base_dir=self.folder)
 
 
 def save_models(programs: Iterable[OnnxProgram], folder: Path, source: WeightSource,
@@ -100,61 +151,20 @@ def save_models(programs: Iterable[OnnxProgram], folder: Path, source: WeightSou
     from tqdm import tqdm
 
     programs = list(programs)
-    placed: dict[tuple, tuple[int, int]] = {}  # (source, layout) or content -> (offset, length) in WEIGHTS
-    shared = 0
-    total = sum(v.dtype.itemsize * math.prod(v.shape.numpy()) for p in programs for v in p.model.graph.inputs
-                if v.name in p.weights)
+    total = sum(_nbytes(v) for p in programs for v in p.model.graph.inputs if v.name in p.weights)
     with tqdm(total=total, unit="B", unit_scale=True, desc="export: weights", disable=quiet) as bar:
-        writer = _Writer(folder / WEIGHTS, bar)
-        with writer.file:
+        weights = _WeightsFile(folder, bar)
+        with weights.file:
             for program in programs:
-                for name, weight in program.weights.items():
-                    value = next(v for v in program.model.graph.inputs if v.name == name)
-                    if value.dtype.itemsize * math.prod(value.shape.numpy()) <= INLINE_BYTES:  # norms' scales
-                        _bind(program.model, name, ir.tensor(weight.layout(source.weight(program.name,
-                                                                                         weight.parameter)), name=name))
-                        continue
-                    identity = source.weight_identity(program.name, weight.parameter)
-                    if identity is None:  # in memory: the same bytes are the same weight
-                        laid_out = weight.layout(source.weight(program.name, weight.parameter))
-                        key = (from_torch_dtype(laid_out.dtype), tuple(laid_out.shape), _digest(_raw(laid_out)))
-                        parts = [laid_out]
-                    else:
-                        key = (identity, weight.perm)
-                        parts = None
-                    if key not in placed:
-                        if parts is None and (weight.perm is None or weight.perm[0] == 0):
-                            parts = (weight.layout(p) for p in source.weight_parts(program.name, weight.parameter))
-                        elif parts is None:
-                            parts = [weight.layout(source.weight(program.name, weight.parameter))]
-                        placed[key] = writer.write_parts(parts)
-                    else:
-                        shared += placed[key][1]
-                        bar.update(placed[key][1])
-                    offset, length = placed[key]
-                    if length != value.dtype.itemsize * math.prod(value.shape.numpy()):
-                        raise MLAFXError(f"{name}: {length} bytes written where the {program.name} program reads "
-                                         f"{value.dtype} {list(value.shape)}")
-                    _bind(program.model, name, ir.ExternalTensor(WEIGHTS, offset, length, value.dtype,
-                                                                 shape=value.shape, name=name, base_dir=folder))
-                    parts = laid_out = None
+                for name in program.weights:
+                    weights.bind_weight(program, name, source)
                 for init in list(program.model.graph.initializers.values()):
-                    const = init.const_value
-                    if isinstance(const, ir.ExternalTensor) or const is None or const.nbytes <= INLINE_BYTES:
-                        continue
-                    data = const.tobytes()
-                    key = (const.dtype, tuple(const.shape.numpy()), _digest(data))
-                    if key in placed:
-                        shared += len(data)
-                    else:
-                        placed[key] = writer.write_parts([memoryview(data)])
-                    init.const_value = ir.ExternalTensor(WEIGHTS, placed[key][0], len(data), const.dtype,
-                                                         shape=const.shape, name=init.name, base_dir=folder)
-            writer.file.flush()
-            os.fsync(writer.file.fileno())
-            size = writer.file.tell()
+                    weights.move_constant(init)
+            weights.file.flush()
+            os.fsync(weights.file.fileno())
+            size = weights.file.tell()
     for program in programs:
         path = folder / f"{program.name}.onnx"
         ir.save(program.model, path)
         onnx.checker.check_model(str(path))
-    return {"weights": size, "shared": shared}
+    return {"weights": size, "shared": weights.shared}

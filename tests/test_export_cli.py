@@ -85,7 +85,7 @@ def test_export_into_a_foreign_directory_is_refused(tmp_path, capsys):
 
 
 def test_a_failed_export_leaves_no_directory(tmp_path, monkeypatch, capsys):
-    real = onnx_export.export_program
+    real = onnx_export.lower_program
     calls = []
 
     def fail_on_prefill(programs, name, attention, opset=23):
@@ -94,7 +94,7 @@ def test_a_failed_export_leaves_no_directory(tmp_path, monkeypatch, capsys):
             raise MLAFXError("simulated failure")
         return real(programs, name, attention, opset)
 
-    monkeypatch.setattr(onnx_export, "export_program", fail_on_prefill)
+    monkeypatch.setattr(onnx_export, "lower_program", fail_on_prefill)
     out = tmp_path / "new" / "out"  # folders made for -o go too
     assert cli.main(["export", "zoo:reference", "--onnx", "-o", str(out), "--no-check", "-q"]) == 1
     assert calls == ["step", "prefill"] and list(tmp_path.iterdir()) == []
