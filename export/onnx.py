@@ -157,7 +157,7 @@ def cache_report(model: ir.Model, programs: InferencePrograms) -> list[dict[str,
     inputs = {i.name: i for i in model.graph.inputs}
     for i, site in enumerate(programs.sites):
         value = inputs[past_name(i)]
-        width, elem = int(value.shape[-1]), value.dtype.itemsize
+        width, elem = int(value.shape[-1]), int(value.dtype.itemsize)
         values = site.spec.cache_values_per_token()
         rows.append({"layer": i, "latent_values": width, "latent_bytes": width * elem,
                      "expanded_kv_bytes": values["expanded_kv"] * elem,

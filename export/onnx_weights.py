@@ -78,7 +78,7 @@ def _digest(data) -> bytes:
 
 
 def _nbytes(value: ir.Value) -> int:
-    return value.dtype.itemsize * math.prod(value.shape.numpy())
+    return int(value.dtype.itemsize * math.prod(value.shape.numpy()))
 
 
 class _WeightsFile:
