@@ -1,4 +1,5 @@
-"""Real checkpoint sizes: `mla-fx absorb CHECKPOINT -o FOLDER` on synthetic checkpoints built as the real ones.
+"""Real checkpoint sizes: `mla-fx absorb CHECKPOINT -o FOLDER` and `mla-fx export CHECKPOINT --onnx` on synthetic
+checkpoints built as the real ones.
 
     python -m benchmarks.checkpoint_scale [--quick] [--out DIR] [--sizes v2lite:1,v2lite:4,...] [--keep]
 
@@ -6,7 +7,7 @@ A synthetic HF checkpoint (DeepseekV3 classes, hub key format: experts one by on
 never whole in memory, with random weights, at DeepSeek-V2-Lite sizes (hidden 2048, 16 heads, d_c 512,
 d_r 64, no q_lora, 64 routed + 2 shared experts, 27 layers: 15.7B parameters) cut to N layers, in bf16
 or in DeepSeek-V3's FP8 format (128x128 block scales), and at DeepSeek-V3 sizes (hidden 7168, 128 heads,
-256 routed experts). Each absorb runs in its own process; its peak RSS (VmHWM) and wall time are read
+256 routed experts). Each absorb and export runs in its own process; its peak RSS (VmHWM) and wall time are read
 next to the I/O floor measured in the same run: the time to read the checkpoint's bytes and write as many.
 Aims (issue 11): V2-Lite at full size with peak RSS <= 6 GB, wall <= 3x the I/O floor, time linear in layers.
 """
@@ -152,18 +153,32 @@ def io_floor(directory: Path, scratch: Path) -> float:
     return seconds
 
 
-def worker(model: str, out: str) -> dict:
-    """In a child process: the CLI's absorb, then this process's peak RSS."""
+EXPORT_DTYPE = "bfloat16"  # the checkpoint's: the ONNX of a 31 GB model stays 31 GB (float32 would not fit the disk)
+
+
+def worker(command: str, model: str, out: str) -> dict:
+    """In a child process: the CLI's absorb or export, then this process's peak RSS."""
+    import os
+
     from mla_fx.cli import main
 
     from .common import peak_rss_bytes
 
+    args = ["absorb", model, "-o", out, "-q"] if command == "absorb" else \
+        ["export", model, "--onnx", "-o", out, "--dtype", EXPORT_DTYPE, "-q"]
     t0 = time.perf_counter()
-    rc = main(["absorb", model, "-o", out, "-q"])
-    import os
-
+    rc = main(args)
     os.sync()
-    return {"rc": rc, "absorb_s": time.perf_counter() - t0, "peak_GB": peak_rss_bytes() / 1e9}
+    return {"rc": rc, "seconds": time.perf_counter() - t0, "peak_GB": peak_rss_bytes() / 1e9}
+
+
+def _run_worker(command: str, src: Path, out: Path) -> tuple[dict | None, str]:
+    proc = subprocess.run([sys.executable, "-m", f"{__package__}.checkpoint_scale", "--worker", command, str(src),
+                           str(out)], capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines or json.loads(lines[-1])["rc"] != 0:
+        return None, "\n".join((proc.stdout + proc.stderr).splitlines()[-4:])
+    return json.loads(lines[-1]), ""
 
 
 def measure(size: str, scratch: Path) -> dict:
@@ -177,25 +192,33 @@ def measure(size: str, scratch: Path) -> dict:
     ckpt = Checkpoint(src)
     gb, params = ckpt.nbytes() / 1e9, ckpt.numel()
     floor = io_floor(src, scratch)
-    proc = subprocess.run([sys.executable, "-m", f"{__package__}.checkpoint_scale", "--worker", str(src), str(out)],
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     row = {"checkpoint": size, "layers": layers, "dtype": "fp8 e4m3" if fp8 else "bf16", "params_B": params / 1e9,
            "checkpoint_GB": gb, "synthesize_s": made_s, "io_floor_s": floor}
-    if proc.returncode != 0 or not lines:
-        row["error"] = "\n".join((proc.stdout + proc.stderr).splitlines()[-4:])
-        print(f"[checkpoint] {size} failed:\n{row['error']}", flush=True)
+    result, error = _run_worker("absorb", src, out)
+    if result is None:
+        row["error"] = f"absorb: {error}"
+        print(f"[checkpoint] {size} absorb failed:\n{error}", flush=True)
     else:
-        result = json.loads(lines[-1])
         manifest = json.loads((out / "mla_fx.json").read_text())
         e2e = [c for c in manifest["checks"] if c.get("name") == "end to end"]
-        row.update(absorb_s=result["absorb_s"], absorb_over_floor=result["absorb_s"] / floor,
-                   absorb_s_per_layer=result["absorb_s"] / layers, peak_GB=result["peak_GB"],
+        row.update(absorb_s=result["seconds"], absorb_over_floor=result["seconds"] / floor,
+                   absorb_s_per_layer=result["seconds"] / layers, peak_GB=result["peak_GB"],
                    layer_checks=sum(c.get("name", "").startswith("attention[") for c in manifest["checks"]),
                    end_to_end="skipped (memory)" if e2e else "passed",
                    output_GB=sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9)
         print(f"[checkpoint] {size}: {gb:.1f} GB, absorb {row['absorb_s']:.1f} s ({row['absorb_over_floor']:.2f}x "
               f"the {floor:.1f} s I/O floor), peak RSS {row['peak_GB']:.2f} GB", flush=True)
+    shutil.rmtree(out, ignore_errors=True)  # disk: the export is written next
+    result, error = _run_worker("export", src, out)
+    if result is None:
+        row["error"] = (row.get("error", "") + f" export: {error}").strip()
+        print(f"[checkpoint] {size} export failed:\n{error}", flush=True)
+    else:
+        row.update(export_s=result["seconds"], export_over_floor=result["seconds"] / floor,
+                   export_peak_GB=result["peak_GB"], onnx_GB=sum(f.stat().st_size for f in out.iterdir()) / 1e9)
+        print(f"[checkpoint] {size}: export --onnx ({EXPORT_DTYPE}) {row['export_s']:.1f} s "
+              f"({row['export_over_floor']:.2f}x the floor), {row['onnx_GB']:.1f} GB written, peak RSS "
+              f"{row['export_peak_GB']:.2f} GB", flush=True)
     shutil.rmtree(src, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
     return row
@@ -214,6 +237,10 @@ def targets(rows: list[dict]) -> list[str]:
                      f"({'met' if r['peak_GB'] <= 6 else 'NOT met'})")
         lines.append(f"- full-size V2-Lite absorb <= 3x the I/O floor: {r['absorb_over_floor']:.2f}x "
                      f"({'met' if r['absorb_over_floor'] <= 3 else 'NOT met'})")
+        if "export_s" in r:
+            lines.append(f"- full-size V2-Lite export --onnx with peak RSS <= 6 GB: {r['export_peak_GB']:.2f} GB "
+                         f"({'met' if r['export_peak_GB'] <= 6 else 'NOT met'}); <= 3x the I/O floor: "
+                         f"{r['export_over_floor']:.2f}x ({'met' if r['export_over_floor'] <= 3 else 'NOT met'})")
     else:
         lines.append("- full-size V2-Lite: not measured in this run")
     per_layer = [r["absorb_s_per_layer"] for r in rows if r.get("absorb_s") and r["checkpoint"].startswith("v2lite:")
@@ -232,12 +259,16 @@ def run(out: Path, quick: bool = False, only: list[str] | None = None, scratch: 
     finally:
         shutil.rmtree(base, ignore_errors=True)
     cols = ["checkpoint", "layers", "dtype", "params_B", "checkpoint_GB", "io_floor_s", "absorb_s",
-            "absorb_over_floor", "absorb_s_per_layer", "peak_GB", "layer_checks", "end_to_end"]
+            "absorb_over_floor", "absorb_s_per_layer", "peak_GB", "layer_checks", "end_to_end", "export_s",
+            "export_over_floor", "export_peak_GB", "onnx_GB"]
     note = ("absorb = the whole `mla-fx absorb CKPT -o FOLDER` command in its own process: meta capture and passes, "
             "float64 check of every layer's attention, streamed shards, and the end-to-end check where the model "
-            "fits in half the machine's memory. I/O floor: copying the same shards in the same run. "
-            "`mla-fx export --onnx` of checkpoints at these sizes is not measured: it still loads the whole model.")
-    report.add_table("absorb of real-size checkpoints (synthetic weights)", cols, rows, note)
+            "fits in half the machine's memory. export = `mla-fx export CKPT --onnx -o DIR --dtype bfloat16` in its "
+            "own process: meta capture, both programs lowered to ONNX, every weight read from the shards (FP8 "
+            "dequantized, experts fused one at a time) into weights.data; ONNX Runtime has no bf16 CPU kernels, so "
+            "no ONNX Runtime check runs at these sizes (a float32 export of a model that fits --check-memory is "
+            "checked). I/O floor: copying the same shards in the same run.")
+    report.add_table("absorb and ONNX export of real-size checkpoints (synthetic weights)", cols, rows, note)
     return report.finish(rows, lambda rows, path: None)
 
 
@@ -247,7 +278,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--sizes", help="comma-separated FAMILY[-fp8]:LAYERS (families: v2lite, v3)")
     p.add_argument("--scratch", type=Path, help="where the checkpoints are written (default: the system temp)")
-    p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         print(json.dumps(worker(*a.worker)), flush=True)
