@@ -14,7 +14,7 @@ import torch
 from mla_fx.checkpoint import Checkpoint
 from mla_fx.errors import LoadError
 from mla_fx.structure import Structure
-from mla_fx.transformers_loading import fused_parameter
+from mla_fx.transformers_loading import fused_parameter, stored_names
 
 
 class CheckpointParameters:
@@ -24,6 +24,18 @@ class CheckpointParameters:
     def _read(self, key: str) -> torch.Tensor:
         return self.checkpoint.tensor(key, self.structure.dtype)
 
+    def _key(self, module_key: str) -> str:
+        """The checkpoint key of a module parameter, under its own name or one transformers renames it from."""
+        if self.checkpoint.has(module_key):
+            return module_key
+        names = stored_names(self.structure.model_type, module_key)
+        for name in names[1:]:
+            try:
+                return self.checkpoint.resolve(name)
+            except LoadError:
+                pass
+        return self.checkpoint.resolve(names[0])
+
     def parts(self, name: str) -> Iterator[torch.Tensor]:
         """`name`'s value in parts along its first dimension (one part unless transformers fuses it)."""
         if name in self.structure.buffers:
@@ -31,7 +43,7 @@ class CheckpointParameters:
             return
         module_key = name.removeprefix("model.")
         try:
-            key = self.checkpoint.resolve(module_key)
+            key = self._key(module_key)
         except LoadError:
             fused = fused_parameter(self.structure.model_type, module_key, list(self.checkpoint.shard_of), self._read)
             if fused is None:
@@ -48,7 +60,7 @@ class CheckpointParameters:
                 continue
             module_key = name.removeprefix("model.")
             try:
-                stored = tuple(self.checkpoint.headers[self.checkpoint.resolve(module_key)].shape)
+                stored = tuple(self.checkpoint.headers[self._key(module_key)].shape)
             except LoadError:
                 if fused_parameter(self.structure.model_type, module_key, list(self.checkpoint.shard_of),
                                    self._read) is None:

@@ -211,3 +211,21 @@ def fused_parameter(model_type: str, module_key: str, keys: list[str],
 
         return parts()
     return None
+
+
+def stored_names(model_type: str, module_key: str) -> list[str]:
+    """The names a checkpoint may store a module parameter under, by the model type's renamings (transformers
+    renames at load time: A.X-K1 stores `layers.N.post_mlp_layernorm` for the module's
+    `layers.N.mlp.post_mlp_layernorm`); plain-text renamings only, the module's own name first."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightConverter
+
+    names = [module_key]
+    plain = re.compile(r"^[\w.]+$")
+    for renaming in get_checkpoint_conversion_mapping(model_type) or []:
+        if isinstance(renaming, WeightConverter):
+            continue
+        for source, target in zip(renaming.source_patterns, renaming.target_patterns, strict=False):
+            if plain.match(source) and plain.match(target) and target in module_key:
+                names.append(module_key.replace(target, source))
+    return names
