@@ -12,6 +12,7 @@ the model's dtype, whose casts (RMSNorm's, rotary's) are constants of the graph:
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterator
 
 import torch
@@ -95,10 +96,15 @@ def layer_blocks(original: fx.GraphModule, rewritten: fx.GraphModule, site: MLAS
     start = _block_input(nodes[site.labels["latent"]])
     consumer, arg = _block_output(nodes[site.attention])
     for gm in (original, rewritten):
-        graph, weights = extract_block(gm, start.name, consumer.name, arg)
-        graph_in_float64(graph)  # the structure is captured in the model's dtype, with its casts
-        yield fx.GraphModule({w: evaluate(recipes[w], fetch64, float64=True) if w in recipes else fetch64(w)
-                              for w in weights}, graph)
+        yield _float64_block(gm, start.name, consumer.name, arg, fetch64, recipes)  # this frame keeps no part of it
+
+
+def _float64_block(gm: fx.GraphModule, start: str, consumer: str, arg: int,
+                   fetch64: Callable[[str], torch.Tensor], recipes: dict[str, Node]) -> fx.GraphModule:
+    graph, weights = extract_block(gm, start, consumer, arg)
+    graph_in_float64(graph)  # the structure is captured in the model's dtype, with its casts
+    return fx.GraphModule({w: evaluate(recipes[w], fetch64, float64=True) if w in recipes else fetch64(w)
+                           for w in weights}, graph)
 
 
 def check_layers(original: fx.GraphModule, rewritten: fx.GraphModule, sites: list[MLASite],
@@ -119,7 +125,10 @@ def check_layers(original: fx.GraphModule, rewritten: fx.GraphModule, sites: lis
             n_inputs = sum(1 for n in block.graph.nodes if n.op == "placeholder") - 1
             with torch.no_grad():
                 results.append(block(hidden, *([example] * n_inputs)))
+            # a GraphModule and its Graph refer to each other: only the cyclic collector frees the block's float64
+            # weights (1.5 GB for a DeepSeek-V3 layer), and it may not run before the next block is built
             del block
+            gc.collect()
         out.append(compare(f"attention[layer {i} {site.module or site.attention} float64]", results[0], results[1],
                            TOLERANCES[torch.float64]))
     return out
