@@ -12,7 +12,6 @@ the model's dtype, whose casts (RMSNorm's, rotary's) are constants of the graph:
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable, Iterator
 
 import torch
@@ -107,6 +106,17 @@ def _float64_block(gm: fx.GraphModule, start: str, consumer: str, arg: int,
                            for w in weights}, graph)
 
 
+def _drop_weights(block: fx.GraphModule) -> None:
+    """Free a block's float64 weights now (1.5 GB for a DeepSeek-V3 layer): a GraphModule and its Graph refer to
+    each other, so the block itself goes only when the cyclic collector runs (a full collection takes about 0.4 s),
+    which may be after the next block is built."""
+    for module in block.modules():
+        module._parameters.clear()
+        module._buffers.clear()
+        for name in [k for k, v in vars(module).items() if isinstance(v, torch.Tensor)]:
+            delattr(module, name)
+
+
 def check_layers(original: fx.GraphModule, rewritten: fx.GraphModule, sites: list[MLASite],
                  fetch64: Callable[[str], torch.Tensor], recipes: dict[str, Node], example: torch.Tensor,
                  progress: Callable[[range], object] | None = None) -> list[Comparison]:
@@ -125,10 +135,8 @@ def check_layers(original: fx.GraphModule, rewritten: fx.GraphModule, sites: lis
             n_inputs = sum(1 for n in block.graph.nodes if n.op == "placeholder") - 1
             with torch.no_grad():
                 results.append(block(hidden, *([example] * n_inputs)))
-            # a GraphModule and its Graph refer to each other: only the cyclic collector frees the block's float64
-            # weights (1.5 GB for a DeepSeek-V3 layer), and it may not run before the next block is built
+            _drop_weights(block)
             del block
-            gc.collect()
         out.append(compare(f"attention[layer {i} {site.module or site.attention} float64]", results[0], results[1],
                            TOLERANCES[torch.float64]))
     return out
