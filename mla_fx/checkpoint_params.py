@@ -1,8 +1,8 @@
 """The values of a structure's graph parameters, read from a checkpoint one tensor at a time.
 
 A graph parameter is one checkpoint key (FP8 dequantized), or several that transformers fuses at load time (MoE
-experts stored one by one; :func:`mla_fx.transformers_loading.fused_parameter`), read in parts. Buffers the
-checkpoint does not hold (RoPE's `inv_freq`) come from the structure. Values are in the structure's dtype.
+experts stored one by one; :func:`mla_fx.transformers_loading.fused_parameter`), read in parts. Values are in the
+structure's dtype. (Buffers no checkpoint holds, RoPE's `inv_freq`, are in the programs with their values.)
 """
 
 from __future__ import annotations
@@ -38,9 +38,6 @@ class CheckpointParameters:
 
     def parts(self, name: str) -> Iterator[torch.Tensor]:
         """`name`'s value in parts along its first dimension (one part unless transformers fuses it)."""
-        if name in self.structure.buffers:
-            yield self.structure.buffers[name]
-            return
         module_key = name.removeprefix("model.")
         try:
             key = self._key(module_key)
@@ -48,7 +45,7 @@ class CheckpointParameters:
             fused = fused_parameter(self.structure.model_type, module_key, list(self.checkpoint.shard_of), self._read)
             if fused is None:
                 raise
-            yield from fused
+            yield from fused.parts
             return
         yield self._read(key)
 
@@ -56,15 +53,16 @@ class CheckpointParameters:
         """What the checkpoint lacks for these graph parameters (name -> shape), before any weight is read."""
         found = []
         for name, shape in parameters.items():
-            if name in self.structure.buffers:
-                continue
             module_key = name.removeprefix("model.")
             try:
                 stored = tuple(self.checkpoint.headers[self._key(module_key)].shape)
             except LoadError:
-                if fused_parameter(self.structure.model_type, module_key, list(self.checkpoint.shard_of),
-                                   self._read) is None:
+                fused = fused_parameter(self.structure.model_type, module_key, list(self.checkpoint.shard_of),
+                                        self._read)
+                if fused is None:
                     found.append(f"{module_key} is missing")
+                elif fused.count != shape[0]:
+                    found.append(f"{module_key} has {fused.count} experts where config.json makes it {shape[0]}")
                 continue
             if stored != tuple(shape):
                 found.append(f"{module_key} is {list(stored)} where config.json makes it {list(shape)}")

@@ -16,11 +16,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -171,17 +172,32 @@ def text_decoder_note(choice: ModelChoice) -> str | None:
             "and exported; the vision tower is left out")
 
 
+@functools.cache
+def _conversions(model_type: str) -> tuple:
+    """The model type's checkpoint renamings and converters (transformers deep-copies them on every call)."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    return tuple(get_checkpoint_conversion_mapping(model_type) or [])
+
+
+class FusedParameter(NamedTuple):
+    """A parameter transformers fuses at load time: `parts` yields its `count` slices along dim 0, in order."""
+
+    count: int
+    parts: Iterator[torch.Tensor]
+
+
 def fused_parameter(model_type: str, module_key: str, keys: list[str],
-                    read: Callable[[str], torch.Tensor]) -> Iterator[torch.Tensor] | None:
+                    read: Callable[[str], torch.Tensor]) -> FusedParameter | None:
     """A parameter transformers fuses from several checkpoint tensors at load time (MoE experts stored one by one
     become one [experts, ...] parameter), made by transformers' own conversion ops from the tensors `read(key)`
     gives, in parts along its first dimension (one expert at a time: DeepSeek-V3's fused experts would be 15 GB at
-    once). None where no conversion of the model type targets `module_key`."""
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    once; nothing is read before the parts are). None where no conversion of the model type targets
+    `module_key`."""
     from transformers.core_model_loading import MergeModulelist, WeightConverter
 
     tail = module_key[module_key.find("layers."):] if "layers." in module_key else module_key
-    for converter in get_checkpoint_conversion_mapping(model_type) or []:
+    for converter in _conversions(model_type):
         if not isinstance(converter, WeightConverter) or len(converter.target_patterns) != 1:
             continue
         (target,) = converter.target_patterns
@@ -209,7 +225,7 @@ def fused_parameter(model_type: str, module_key: str, keys: list[str],
                 (value,) = data.values()
                 yield value
 
-        return parts()
+        return FusedParameter(len(experts), parts())
     return None
 
 
@@ -217,12 +233,11 @@ def stored_names(model_type: str, module_key: str) -> list[str]:
     """The names a checkpoint may store a module parameter under, by the model type's renamings (transformers
     renames at load time: A.X-K1 stores `layers.N.post_mlp_layernorm` for the module's
     `layers.N.mlp.post_mlp_layernorm`); plain-text renamings only, the module's own name first."""
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     from transformers.core_model_loading import WeightConverter
 
     names = [module_key]
     plain = re.compile(r"^[\w.]+$")
-    for renaming in get_checkpoint_conversion_mapping(model_type) or []:
+    for renaming in _conversions(model_type):
         if isinstance(renaming, WeightConverter):
             continue
         for source, target in zip(renaming.source_patterns, renaming.target_patterns, strict=False):
