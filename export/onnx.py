@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,10 +38,13 @@ from mla_fx.products import ONNX_FORMAT, ONNX_MANIFEST, past_name
 from mla_fx.structure import run_on_cpu
 
 from .latent_attention_onnx import DOMAIN, OP_TYPE, function_proto
+from .layer_units import NotRepeatable, plan_layers
 from .onnx_weights import INLINE_BYTES, WEIGHTS, StoredWeight, bind_inline, save_models
+from .replicate_layers import replicate_layers
 
 # torch.onnx lists every optional op library it cannot find (torchvision, ...) on each export
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+log = logging.getLogger(__name__)
 
 OPSET = 23
 IR_VERSION = 10  # onnx 1.23 writes 14 by default; onnxruntime 1.31 reads at most 13
@@ -67,13 +70,15 @@ class OnnxProgram:
     weights: dict[str, StoredWeight]
 
 
-def _stand_ins(gm: torch.fx.GraphModule) -> set[str]:
-    """Each parameter, and each buffer on meta or larger than INLINE_BYTES, replaced by a stand-in of its shape and
-    dtype that holds one value (stride 0): the exporter sees shapes only, whatever the weights' size or device."""
+def _stand_ins(gm: torch.fx.GraphModule, buffers: Collection[str] = ()) -> set[str]:
+    """Each parameter, each buffer on meta or larger than INLINE_BYTES, and the named `buffers`, replaced by a
+    stand-in of its shape and dtype that holds one value (stride 0): the exporter sees shapes only, whatever the
+    weights' size or device."""
     names = set()
     for name, tensor in [*gm.named_parameters(), *gm.named_buffers()]:
         is_param = isinstance(tensor, torch.nn.Parameter)
-        if not is_param and not tensor.is_meta and tensor.numel() * tensor.element_size() <= INLINE_BYTES:
+        small = not tensor.is_meta and tensor.numel() * tensor.element_size() <= INLINE_BYTES
+        if not is_param and small and name not in buffers:
             continue
         owner_name, _, leaf = name.rpartition(".")
         owner = gm.get_submodule(owner_name)
@@ -120,17 +125,48 @@ def _fold_transposes(values: list[ir.Value]) -> dict[str, StoredWeight]:
     return stored
 
 
+def _order_io(model: ir.Model, inputs: list[str], outputs: list[str]) -> None:
+    """The program's inputs and outputs in their documented order, the weights after them by name."""
+    graph = model.graph
+    by_name = {v.name: v for v in graph.inputs}
+    weights = sorted(set(by_name) - set(inputs))
+    graph.inputs.clear()
+    graph.inputs.extend([by_name[n] for n in inputs] + [by_name[n] for n in weights])
+    results = {v.name: v for v in graph.outputs}
+    graph.outputs.clear()
+    graph.outputs.extend(results[n] for n in outputs)
+
+
 def lower_program(programs: InferencePrograms, name: str, attention: str, opset: int = OPSET) -> OnnxProgram:
-    """The step or prefill program in ONNX (opset `opset`, optimized), its weights left as named inputs."""
+    """The step or prefill program in ONNX (opset `opset`, optimized), its weights left as named inputs.
+
+    Layers alike are lowered once (:mod:`.layer_units`) and copied in ONNX (:mod:`.replicate_layers`): torch.onnx
+    takes seconds per layer, and a real model has dozens of the same two or three kinds. Where the layers cannot
+    be told apart, every layer is lowered."""
+    try:
+        return _lower(programs, name, attention, opset, by_layer=True)
+    except NotRepeatable as e:
+        log.info("%s program: every layer lowered (%s)", name, e)
+        return _lower(programs, name, attention, opset, by_layer=False)
+
+
+def _lower(programs: InferencePrograms, name: str, attention: str, opset: int, by_layer: bool) -> OnnxProgram:
     gm = copy.deepcopy(programs.step if name == "step" else programs.prefill).eval()
     example = programs.step_example() if name == "step" else programs.prefill_example()
     stand_ins = _stand_ins(gm)
     ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example)
     gm, _ = run_passes(gm, pipelines.onnx_lowering(attention))
+    inputs, outputs, dynamic = programs.input_names(name), programs.output_names(), _dynamic_shapes(programs, name)
+    plan = plan_layers(gm, inputs, outputs) if by_layer else None
+    if plan is not None:
+        stand_ins |= _stand_ins(gm, buffers=set(plan.owner))
+        example = tuple(x for x, n in zip(example, inputs, strict=True) if n in plan.inputs)
+        dynamic = tuple(d for d, n in zip(dynamic, inputs, strict=True) if n in plan.inputs)
     try:
         onnx_program = torch.onnx.export(
-            gm, example, dynamic_shapes=_dynamic_shapes(programs, name), input_names=programs.input_names(name),
-            output_names=programs.output_names(), opset_version=opset, dynamo=True, optimize=False, verbose=False)
+            gm, example, dynamic_shapes=dynamic, input_names=inputs if plan is None else plan.inputs,
+            output_names=outputs if plan is None else plan.outputs, opset_version=opset,
+            dynamo=True, optimize=False, verbose=False)
     except Exception as e:
         raise MLAFXError(f"ONNX export of the {name} program failed: {type(e).__name__}: {e}") from e
     model = onnx_program.model
@@ -138,6 +174,12 @@ def lower_program(programs: InferencePrograms, name: str, attention: str, opset:
     # what torch.onnx.export(optimize=True) runs; the weights are inputs, so nothing folds or reads them
     onnxscript.optimizer.optimize_ir(model)
     onnxscript.rewriter.onnx_fusions.fuse(model)
+    if plan is not None:
+        replicate_layers(model, plan)
+        for copied in plan.copies:
+            weights.update({new: StoredWeight(new, weights[old].perm)
+                            for old, new in copied.names.items() if old in weights})
+        _order_io(model, inputs, outputs)
     if any(n.domain == DOMAIN for n in model.graph):
         model.functions[(DOMAIN, OP_TYPE, "")] = ir.serde.deserialize_function(function_proto())
     model.ir_version = min(model.ir_version, IR_VERSION)
