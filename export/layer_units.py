@@ -7,7 +7,7 @@ hidden state entering each layer (read off the HF modules' `nn_module_stack`): a
 or layer-owned input (weight, past_latent) it depends on is layer i's. Each unit is checked to be closed (it
 reads only its marker, its own weights and cache, and values every layer shares, and feeds only the next marker
 and its own outputs), and units with the same operations, literals and weight shapes are one kind.
-:func:`keep_templates` then removes every layer but the first of each kind; :mod:`.replicate_layers` copies
+:func:`plan_layers` then removes every layer but the first of each kind; :mod:`.replicate_layers` copies
 the lowered templates back into the ONNX graph under each layer's names.
 """
 
@@ -287,26 +287,25 @@ def plan_layers(gm: fx.GraphModule, input_names: Sequence[str], output_names: Se
     if isinstance(units, str):
         raise NotRepeatable(units)
     if all(t == i for i, t in enumerate(units.templates)):
-        remove_markers(gm)
+        _remove_markers(gm)
         return None
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     inputs = dict(zip(placeholders, input_names, strict=True))
     outputs = _output_names(gm, output_names)
+    layer_outputs = [[name for node, name in outputs.items() if node in set(nodes)] for nodes in units.nodes]
     owner = {}
     for i in range(n_layers):
         owner.update({_leaf_name(leaf, inputs): i for leaf in units.leaves[i]})
-        owner.update({name: i for node, name in outputs.items() if node in set(units.nodes[i])})
+        owner.update(dict.fromkeys(layer_outputs[i], i))
     copies = []
     for i, t in enumerate(units.templates):
         if t == i:
             continue
         names = {_leaf_name(a, inputs): _leaf_name(b, inputs)
                  for a, b in zip(units.leaves[t], units.leaves[i], strict=True)}
-        mine = [name for node, name in outputs.items() if node in set(units.nodes[i])]
-        theirs = [name for node, name in outputs.items() if node in set(units.nodes[t])]
-        names.update(zip(theirs, mine, strict=True))
+        names.update(zip(layer_outputs[t], layer_outputs[i], strict=True))
         copies.append(LayerCopy(i, t, names))
-    problem = keep_templates(gm, units, {c.layer for c in copies})
+    problem = _keep_templates(gm, units, {c.layer for c in copies})
     if problem:
         raise NotRepeatable(problem)
     kept = [inputs[n] for n in gm.graph.nodes if n.op == "placeholder"]
@@ -322,7 +321,7 @@ def _output_names(gm: fx.GraphModule, names: Sequence[str]) -> dict[fx.Node, str
     return dict(zip(_outputs(gm), names, strict=True))
 
 
-def keep_templates(gm: fx.GraphModule, units: _Units, copied: set[int]) -> str | None:
+def _keep_templates(gm: fx.GraphModule, units: _Units, copied: set[int]) -> str | None:
     """Remove the copied layers: the value entering each flows on to the next layer's marker; their cache
     inputs and outputs go. A string says why they cannot be removed."""
     g = gm.graph
@@ -352,7 +351,7 @@ def keep_templates(gm: fx.GraphModule, units: _Units, copied: set[int]) -> str |
     return None
 
 
-def remove_markers(gm: fx.GraphModule) -> None:
+def _remove_markers(gm: fx.GraphModule) -> None:
     for node in list(gm.graph.nodes):
         if node.target is torch.onnx.ops.symbolic and node.args[0] == f"{MARKER_DOMAIN}::{MARKER_OP}":
             node.replace_all_uses_with(node.args[1][0])
