@@ -28,7 +28,7 @@ class CheckpointParameters:
         """The checkpoint key of a module parameter, under its own name or one transformers renames it from."""
         if self.checkpoint.has(module_key):
             return module_key
-        names = stored_names(self.structure.model_type, module_key)
+        names = stored_names(self.structure.conversion_keys, module_key)
         for name in names[1:]:
             try:
                 return self.checkpoint.resolve(name)
@@ -42,7 +42,8 @@ class CheckpointParameters:
         try:
             key = self._key(module_key)
         except LoadError:
-            fused = fused_parameter(self.structure.model_type, module_key, list(self.checkpoint.shard_of), self._read)
+            fused = fused_parameter(self.structure.conversion_keys, module_key, list(self.checkpoint.shard_of),
+                                    self._read)
             if fused is None:
                 raise
             yield from fused.parts
@@ -57,7 +58,7 @@ class CheckpointParameters:
             try:
                 stored = tuple(self.checkpoint.headers[self._key(module_key)].shape)
             except LoadError:
-                fused = fused_parameter(self.structure.model_type, module_key, list(self.checkpoint.shard_of),
+                fused = fused_parameter(self.structure.conversion_keys, module_key, list(self.checkpoint.shard_of),
                                         self._read)
                 if fused is None:
                     found.append(f"{module_key} is missing")

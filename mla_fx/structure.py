@@ -52,7 +52,9 @@ class Structure:
     max_seq: int
     dtype: torch.dtype
     note: str | None = None
-    model_type: str = ""
+    # what transformers looks the checkpoint's renamings and converters up by: each sub-model's class, then its
+    # model_type (Dots3NoteTextModel holds dots3_note's expert fusing, A.X-K2's model_type its renamings)
+    conversion_keys: tuple[str, ...] = ()
     positions: bool = False  # captured as (input_ids, position_ids) -> logits
 
     def example(self) -> tuple[torch.Tensor, ...]:
@@ -117,7 +119,8 @@ def capture_structure(checkpoint: Checkpoint, dtype: torch.dtype | None = None, 
     cfg = choice.config
     max_seq = getattr(cfg, "max_position_embeddings", None) or 4096
     structure = Structure(None, buffers, int(cfg.vocab_size), int(max_seq), dtype,
-                          transformers_loading.text_decoder_note(choice), cfg.model_type, positions)
+                          transformers_loading.text_decoder_note(choice), transformers_loading.conversion_keys(model),
+                          positions)
     structure.graph = capture(wrapper, structure.example(), max_seq=max_seq)
     _mark(structure.graph)
     return structure

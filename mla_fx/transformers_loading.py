@@ -172,12 +172,22 @@ def text_decoder_note(choice: ModelChoice) -> str | None:
             "and exported; the vision tower is left out")
 
 
+def conversion_keys(model: nn.Module) -> tuple[str, ...]:
+    """What transformers looks a model's checkpoint conversions up by: each sub-model's class name, then its
+    model_type, outermost first."""
+    tf = require("transformers", "hf", "Reading a HF checkpoint")
+    keys = [k for m in model.modules() if isinstance(m, tf.PreTrainedModel)
+            for k in (type(m).__name__, m.config.model_type)]
+    return tuple(dict.fromkeys(keys))
+
+
 @functools.cache
-def _conversions(model_type: str) -> tuple:
-    """The model type's checkpoint renamings and converters (transformers deep-copies them on every call)."""
+def _conversions(keys: tuple[str, ...]) -> tuple:
+    """The checkpoint renamings and converters registered for any of `keys` (transformers deep-copies them on every
+    call, so they are read once)."""
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
-    return tuple(get_checkpoint_conversion_mapping(model_type) or [])
+    return tuple(c for key in keys for c in get_checkpoint_conversion_mapping(key) or [])
 
 
 class FusedParameter(NamedTuple):
@@ -187,7 +197,7 @@ class FusedParameter(NamedTuple):
     parts: Iterator[torch.Tensor]
 
 
-def fused_parameter(model_type: str, module_key: str, keys: list[str],
+def fused_parameter(conversion_keys: tuple[str, ...], module_key: str, keys: list[str],
                     read: Callable[[str], torch.Tensor]) -> FusedParameter | None:
     """A parameter transformers fuses from several checkpoint tensors at load time (MoE experts stored one by one
     become one [experts, ...] parameter), made by transformers' own conversion ops from the tensors `read(key)`
@@ -197,7 +207,7 @@ def fused_parameter(model_type: str, module_key: str, keys: list[str],
     from transformers.core_model_loading import MergeModulelist, WeightConverter
 
     tail = module_key[module_key.find("layers."):] if "layers." in module_key else module_key
-    for converter in _conversions(model_type):
+    for converter in _conversions(conversion_keys):
         if not isinstance(converter, WeightConverter) or len(converter.target_patterns) != 1:
             continue
         (target,) = converter.target_patterns
@@ -229,7 +239,7 @@ def fused_parameter(model_type: str, module_key: str, keys: list[str],
     return None
 
 
-def stored_names(model_type: str, module_key: str) -> list[str]:
+def stored_names(conversion_keys: tuple[str, ...], module_key: str) -> list[str]:
     """The names a checkpoint may store a module parameter under, by the model type's renamings (transformers
     renames at load time: A.X-K1 stores `layers.N.post_mlp_layernorm` for the module's
     `layers.N.mlp.post_mlp_layernorm`); plain-text renamings only, the module's own name first."""
@@ -237,10 +247,11 @@ def stored_names(model_type: str, module_key: str) -> list[str]:
 
     names = [module_key]
     plain = re.compile(r"^[\w.]+$")
-    for renaming in _conversions(model_type):
+    for renaming in _conversions(conversion_keys):
         if isinstance(renaming, WeightConverter):
             continue
         for source, target in zip(renaming.source_patterns, renaming.target_patterns, strict=False):
+            source = source.replace("\\.", ".")  # a literal written as a regex (A.X-K2: self_attn\.q_b_proj\.)
             if plain.match(source) and plain.match(target) and target in module_key:
                 names.append(module_key.replace(target, source))
     return names
