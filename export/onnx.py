@@ -34,10 +34,10 @@ from mla_fx.errors import MLAFXError
 from mla_fx.inference import InferencePrograms
 from mla_fx.outputs import atomic_directory
 from mla_fx.passes.manager import run_passes
-from mla_fx.products import ONNX_FORMAT, ONNX_MANIFEST, past_name
+from mla_fx.products import ONNX_FORMAT, ONNX_MANIFEST
 from mla_fx.structure import run_on_cpu
 
-from .latent_attention_onnx import DOMAIN, OP_TYPE, function_proto
+from .latent_attention_onnx import DOMAIN, OP_TYPE, SPARSE_OP_TYPE, function_proto, sparse_function_proto
 from .layer_units import NotRepeatable, plan_layers
 from .onnx_weights import INLINE_BYTES, WEIGHTS, StoredWeight, bind_inline, save_models
 from .replicate_layers import replicate_layers
@@ -56,7 +56,7 @@ def _dynamic_shapes(programs: InferencePrograms, name: str) -> tuple[dict[int, A
     if name == "prefill":
         return tokens, tokens, tokens
     past = Dim("past_tokens", min=0, max=programs.max_seq)
-    return (tokens, tokens, {0: batch, 1: Dim.AUTO}, *({0: batch, 1: past} for _ in programs.sites))
+    return (tokens, tokens, {0: batch, 1: Dim.AUTO}, *({0: batch, 1: past} for _ in programs.cache))
 
 
 @dataclass
@@ -180,8 +180,9 @@ def _lower(programs: InferencePrograms, name: str, attention: str, opset: int, b
             weights.update({new: StoredWeight(new, weights[old].perm)
                             for old, new in copied.names.items() if old in weights})
         _order_io(model, inputs, outputs)
-    if any(n.domain == DOMAIN for n in model.graph):
-        model.functions[(DOMAIN, OP_TYPE, "")] = ir.serde.deserialize_function(function_proto())
+    for op_type, proto in ((OP_TYPE, function_proto), (SPARSE_OP_TYPE, sparse_function_proto)):
+        if any(n.domain == DOMAIN and n.op_type == op_type for n in model.graph):
+            model.functions[(DOMAIN, op_type, "")] = ir.serde.deserialize_function(proto())
     model.ir_version = min(model.ir_version, IR_VERSION)
     return OnnxProgram(name, model, weights)
 
@@ -197,13 +198,17 @@ def cache_report(model: ir.Model, programs: InferencePrograms) -> list[dict[str,
     """Bytes per token per layer read off the exported cache inputs, next to the other layouts."""
     rows = []
     inputs = {i.name: i for i in model.graph.inputs}
-    for i, site in enumerate(programs.sites):
-        value = inputs[past_name(i)]
+    for i, (site, cache) in enumerate(zip(programs.sites, programs.cache, strict=False)):
+        value = inputs[cache.past]
         width, elem = int(value.shape[-1]), int(value.dtype.itemsize)
         values = site.spec.cache_values_per_token()
         rows.append({"layer": i, "latent_values": width, "latent_bytes": width * elem,
                      "expanded_kv_bytes": values["expanded_kv"] * elem,
                      "hf_transformers_bytes": values["hf_transformers"] * elem})
+    for cache in programs.cache:  # a sparse layer's indexer keys, beside its latent
+        if cache.kind == "index_keys":
+            value = inputs[cache.past]
+            rows[cache.layer]["index_key_bytes"] = int(value.shape[-1]) * int(value.dtype.itemsize)
     return rows
 
 
@@ -228,7 +233,9 @@ def export_onnx(programs: InferencePrograms, out: Path, *, attention: str = "cus
             "max_seq": programs.max_seq, "mode": programs.mode, "tokenizer": tokenizer,
             "programs": {name: {"file": f"{name}.onnx", "inputs": programs.input_names(name),
                                 "outputs": programs.output_names()} for name in files},
-            "layers": [{"latent_dim": s.spec.latent_dim, "spec": s.spec.to_dict()} for s in programs.sites],
+            "layers": [{"latent_dim": s.spec.latent_dim, "spec": s.spec.to_dict(),
+                        **({"index_key_dim": programs.index_key_dims[i]} if i in programs.index_key_dims else {})}
+                       for i, s in enumerate(programs.sites)],
             "weights": {"file": WEIGHTS, **weights},
             "cache_bytes_per_token": cache_report(files["step"].model, programs),
             "crossover_tokens": programs.stats.get("crossover_tokens"),

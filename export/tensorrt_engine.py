@@ -15,7 +15,7 @@ from typing import Any
 
 from mla_fx.errors import MLAFXError
 from mla_fx.outputs import atomic_directory
-from mla_fx.products import ENGINE_FORMAT, ENGINE_MANIFEST, past_name, read_onnx_manifest
+from mla_fx.products import ENGINE_FORMAT, ENGINE_MANIFEST, manifest_cache, read_onnx_manifest
 
 from . import tensorrt_plugin
 from .tensorrt_plugin import TRT_MESSAGE, register_plugin, require_aot_compiler, require_tensorrt
@@ -69,7 +69,6 @@ def profiles(manifest: dict[str, Any], *, max_batch: int, max_new_tokens: int, m
     if max_cache > manifest["max_seq"]:
         raise MLAFXError(f"max_cache ({max_cache}) exceeds the model's max_seq ({manifest['max_seq']})")
     b = (1, max_batch, max_batch)
-    widths = [layer["latent_dim"] for layer in manifest["layers"]]
     s = (1, min(max_new_tokens, 128), max_new_tokens)
     past = (0, max_cache // 2, max_cache - STEP_NEW_TOKENS)
     tokens = {"input_ids": s, "position_ids": s, "attention_mask": s}
@@ -77,8 +76,8 @@ def profiles(manifest: dict[str, Any], *, max_batch: int, max_new_tokens: int, m
     step: dict[str, Any] = {name: tuple((b[k], STEP_NEW_TOKENS) for k in range(3))
                             for name in ("input_ids", "position_ids")}
     step["attention_mask"] = tuple((b[k], past[k] + STEP_NEW_TOKENS) for k in range(3))
-    for i, width in enumerate(widths):
-        step[past_name(i)] = tuple((b[k], past[k], width) for k in range(3))
+    for c in manifest_cache(manifest["layers"]):
+        step[c.past] = tuple((b[k], past[k], c.width) for k in range(3))
     return {"step": step, "prefill": prefill}
 
 
@@ -116,6 +115,10 @@ def build_engines(onnx_dir: Path, out_dir: Path, *, max_batch: int, max_new_toke
     engines must support it. None: the oldest PTX the GPU has, which every driver for it accepts.
     `verify(folder)` runs on the finished folder before it replaces `out_dir`; if it raises, nothing is
     written and an earlier folder at `out_dir` stays."""
+    sparse = [i for i, layer in enumerate(read_onnx_manifest(Path(onnx_dir))["layers"]) if "index_key_dim" in layer]
+    if sparse:
+        raise MLAFXError(f"{onnx_dir}: layers {sparse} are sparse attention (DSA), which has no TensorRT plugin yet; "
+                         "the ONNX export runs in ONNX Runtime (mla-fx generate DIR)")
     trt = require_tensorrt()
     require_cuda()
     if implementation not in IMPLEMENTATIONS:

@@ -346,9 +346,10 @@ def _check_onnx(args, loaded, progress):
     onnx_backend = OnnxBackend(args.onnx)
     progress("building the rewritten inference programs")
     programs = build_programs(loaded, AbsorbConfig(mode=args.mode))
-    if onnx_backend.latent_dims != programs.latent_dims or onnx_backend.vocab_size != programs.vocab_size:
-        raise MLAFXError(f"{args.onnx} was exported from another model (cache widths {onnx_backend.latent_dims}, "
-                         f"vocab {onnx_backend.vocab_size}; MODEL has {programs.latent_dims}, {programs.vocab_size})")
+    if onnx_backend.cache != programs.cache or onnx_backend.vocab_size != programs.vocab_size:
+        widths = [c.width for c in onnx_backend.cache], [c.width for c in programs.cache]
+        raise MLAFXError(f"{args.onnx} was exported from another model (cache widths {widths[0]}, "
+                         f"vocab {onnx_backend.vocab_size}; MODEL has {widths[1]}, {programs.vocab_size})")
     progress(f"comparing original vs rewritten vs ONNX Runtime ({args.decode_steps} decode steps)")
     return check_backends(loaded.reference(), [("rewritten", TorchBackend(programs)), ("onnxruntime", onnx_backend)],
                           token_prompts(loaded), args.decode_steps, programs.dtype)
@@ -414,7 +415,8 @@ def _print_cache(manifest) -> None:
           f"{'HF transformers B/tok':>22}")
     for row in manifest["cache_bytes_per_token"]:
         print(f"{row['layer']:>5} {row['latent_values']:>14} {row['latent_bytes']:>13} "
-              f"{row['expanded_kv_bytes']:>19} {row['hf_transformers_bytes']:>22}")
+              f"{row['expanded_kv_bytes']:>19} {row['hf_transformers_bytes']:>22}"
+              + (f"  + {row['index_key_bytes']} B/tok indexer keys" if "index_key_bytes" in row else ""))
     crossover = manifest.get("crossover_tokens") or []
     if crossover:
         print(f"cache dtype {manifest['dtype']}; HF transformers caches the latent too but re-expands it through "

@@ -4,7 +4,8 @@ program, both over the same latent cache ([c_KV ; k_R] per token and layer)."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Hashable, Iterator
+import re
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -17,12 +18,12 @@ from mla_fx.checkpoint import Checkpoint
 from mla_fx.cost import crossover_tokens
 from mla_fx.errors import LoadError, MLAFXError
 from mla_fx.loading import LoadedModel
-from mla_fx.passes._graph import SDPA
+from mla_fx.passes._key_selection import cached_selections
 from mla_fx.passes.capture import capture
 from mla_fx.passes.context import PassContext, analyze
-from mla_fx.passes.find_mla_sites import MLASite, selects_keys
+from mla_fx.passes.find_mla_sites import MLASite
 from mla_fx.passes.manager import run_passes
-from mla_fx.products import input_names, output_names
+from mla_fx.products import CacheTensor, cache_layout, input_names, output_names
 from mla_fx.weight_recipes import RecordTransforms, Source, carry_recipe, evaluate, recipe_of
 from mla_fx.weight_recipes import sources as recipe_sources
 
@@ -91,6 +92,15 @@ class InferencePrograms:
         return [s.spec.latent_dim for s in self.sites]
 
     @property
+    def index_key_dims(self) -> dict[int, int]:
+        """Sparse (DSA) layers that cache their indexer's keys: layer -> index_head_dim."""
+        return {i: s.key_dim for i, s in cached_selections(self.sites).items()}
+
+    @property
+    def cache(self) -> list[CacheTensor]:
+        return cache_layout(self.latent_dims, self.index_key_dims)
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(p.dtype for p in self.step.parameters() if p.is_floating_point())
 
@@ -99,7 +109,7 @@ class InferencePrograms:
         ids = torch.randint(0, self.vocab_size, (batch, new), generator=g)
         positions = torch.arange(past, past + new).expand(batch, -1).contiguous()
         mask = torch.ones(batch, past + new, dtype=torch.int64)
-        pasts = [torch.randn(batch, past, d, generator=g).to(self.dtype) for d in self.latent_dims]
+        pasts = [torch.randn(batch, past, c.width, generator=g).to(self.dtype) for c in self.cache]
         return (ids, positions, mask, *pasts)
 
     def prefill_example(self, batch: int = EXAMPLE_BATCH, new: int = EXAMPLE_NEW):
@@ -107,10 +117,10 @@ class InferencePrograms:
         return ids, positions - positions[:, :1], mask
 
     def input_names(self, program: str) -> list[str]:
-        return input_names(program, len(self.sites))
+        return input_names(program, self.cache)
 
     def output_names(self) -> list[str]:
-        return output_names(len(self.sites))
+        return output_names(self.cache)
 
 
 def positional_example(loaded: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +136,7 @@ def build_programs(loaded: LoadedModel, config: AbsorbConfig | None = None) -> I
     _refuse_stateful_layers(loaded.hf_config)
     with torch.no_grad():
         gm = capture(loaded.module, positional_example(loaded), max_seq=loaded.max_seq)
-    return _programs(gm, config, loaded.vocab_size, loaded.max_seq)
+    return _programs(gm, config, loaded.vocab_size, loaded.max_seq, loaded.hf_config)
 
 
 def plan_programs(checkpoint: Checkpoint, config: AbsorbConfig | None = None,
@@ -139,7 +149,8 @@ def plan_programs(checkpoint: Checkpoint, config: AbsorbConfig | None = None,
     _refuse_stateful_layers(checkpoint.config)
     structure = capture_structure(checkpoint, dtype, positions=True)
     with RecordTransforms():
-        programs = _programs(structure.fresh_graph(), config, structure.vocab_size, structure.max_seq)
+        programs = _programs(structure.fresh_graph(), config, structure.vocab_size, structure.max_seq,
+                             checkpoint.config)
     for gm in (programs.step, programs.prefill):  # buffers no checkpoint holds (RoPE's inv_freq), with values
         for name, value in structure.buffers.items():
             owner, _, leaf = name.rpartition(".")
@@ -174,14 +185,28 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     return out
 
 
-def _programs(gm: fx.GraphModule, config: AbsorbConfig | None, vocab_size: int, max_seq: int) -> InferencePrograms:
+def _sliding_windows(sites: Sequence[MLASite], hf_config: dict | None) -> None:
+    """Each site's sliding window, where config.json's layer_types makes its layer a sliding_attention one (the
+    programs replace the model's mask by their own, which must keep the window)."""
+    cfg = hf_config or {}
+    cfg = cfg if "layer_types" in cfg else cfg.get("text_config") or {}
+    kinds, window = cfg.get("layer_types") or [], cfg.get("sliding_window")
+    for site in sites:
+        layer = re.search(r"layers\.(\d+)\.", site.module + ".")
+        if layer and int(layer.group(1)) < len(kinds) and kinds[int(layer.group(1))] == "sliding_attention":
+            site.window = int(window)
+
+
+def _programs(gm: fx.GraphModule, config: AbsorbConfig | None, vocab_size: int, max_seq: int,
+              hf_config: dict | None) -> InferencePrograms:
     analysis = analyze(gm)  # once, for both programs (the copy keeps the node names)
-    sparse = [n.name for n in gm.graph.nodes if n.target is SDPA and selects_keys(n)]
-    if sparse:
-        raise MLAFXError(f"{len(sparse)} attention(s) read only the keys a top-k selects (sparse attention, e.g. "
-                         "DeepSeek-V3.2's lightning indexer): the inference programs do not yet carry the indexer's "
-                         "keys in the cache, so they cannot decode this model. mla-fx absorb works on it (the "
-                         "full-sequence program)")
+    _sliding_windows(analysis.sites, hf_config)
+    unknown = [f"{s.attention}: {s.selection}" for s in analysis.sites if isinstance(s.selection, str)]
+    if unknown:
+        raise MLAFXError(f"{len(unknown)} attention(s) read only the keys a top-k selects (sparse attention), but not "
+                         f"as DeepSeek-V3.2's lightning indexer does ({'; '.join(unknown[:2])}), so the inference "
+                         "programs cannot cache what selects them. mla-fx absorb works on it (the full-sequence "
+                         "program)")
     prefill, prefill_stats = run_passes(_copy(gm), pipelines.PREFILL, PassContext(analysis=analysis))
     result = absorb(gm, config, analysis=analysis)
     step, step_stats = run_passes(result.gm, pipelines.STEP, PassContext(result.mode, analysis))

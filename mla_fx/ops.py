@@ -122,3 +122,33 @@ def latent_attention_with_kernel(q_latent: Tensor, q_rope: Tensor, latent_kv: Te
 @latent_attention.register_kernel("cuda")
 def _(q_latent, q_rope, latent_kv, attn_mask, scale, is_causal):
     return latent_attention_with_kernel(q_latent, q_rope, latent_kv, attn_mask, scale, is_causal)
+
+
+def sparse_latent_attention_reference(q_latent: Tensor, q_rope: Tensor, latent_kv: Tensor, indices: Tensor,
+                                      valid: Tensor, scale: float) -> Tensor:
+    """MQA over the latent rows a top-k selected (DeepSeek Sparse Attention).
+
+    indices [B,S,K] are rows of latent_kv [B,T,d_c+d_r] per query token, valid [B,S,K] (bool) says which of
+    them take part (a top-k over fewer than K attendable rows pads with rows that do not). Each query reads
+    its K rows once for all heads: rows [B,S,K,D], scores [B,S,H,K]. Returns o~ [B,H,S,d_c].
+    """
+    b, h, s, d_c = q_latent.shape
+    acc = torch.float64 if q_latent.dtype == torch.float64 else torch.float32
+    rows = latent_kv[torch.arange(b, device=latent_kv.device)[:, None, None], indices].to(acc)  # [B,S,K,D]
+    q = torch.cat([q_latent, q_rope], dim=-1).transpose(1, 2).to(acc)  # [B,S,H,D]
+    scores = torch.matmul(q, rows.transpose(-1, -2)) * scale  # [B,S,H,K]
+    probs = _softmax(scores, valid[:, :, None, :], False)
+    out = torch.matmul(probs, rows[..., :d_c])  # [B,S,H,d_c]
+    return out.transpose(1, 2).to(q_latent.dtype).contiguous()
+
+
+@torch.library.custom_op("mla_fx::sparse_latent_attention", mutates_args=())
+def sparse_latent_attention(q_latent: Tensor, q_rope: Tensor, latent_kv: Tensor, indices: Tensor, valid: Tensor,
+                            scale: float) -> Tensor:
+    """MQA over the latent rows a top-k selected; reference math on every device."""
+    return sparse_latent_attention_reference(q_latent, q_rope, latent_kv, indices, valid, scale)
+
+
+@sparse_latent_attention.register_fake
+def _(q_latent, q_rope, latent_kv, indices, valid, scale):
+    return torch.empty_like(q_latent)

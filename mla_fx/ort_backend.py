@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from mla_fx.errors import LoadError, require
-from mla_fx.products import NUMPY_DTYPES, check_feeds, feeds, read_onnx_manifest
+from mla_fx.products import NUMPY_DTYPES, check_feeds, feeds, manifest_cache, read_onnx_manifest
 
 
 def default_providers(ort) -> list[str]:
@@ -39,7 +39,7 @@ class OnnxBackend:
         if missing or not all(isinstance(layer, dict) and "latent_dim" in layer for layer in self.manifest["layers"]):
             raise LoadError(f"{self.directory}: the manifest lacks {', '.join(missing) or 'layers[].latent_dim'}; "
                             "re-export with mla-fx export MODEL --onnx")
-        self.latent_dims = [layer["latent_dim"] for layer in self.manifest["layers"]]
+        self.cache = manifest_cache(self.manifest["layers"])
         self.vocab_size = int(self.manifest["vocab_size"])
         if self.manifest["dtype"] not in NUMPY_DTYPES:
             raise LoadError(f"{directory} holds {self.manifest['dtype']} programs; ONNX Runtime here runs "
@@ -64,7 +64,7 @@ class OnnxBackend:
             self.sessions[name] = session
 
     def _check(self, input_ids, position_ids, attention_mask, past: Sequence[np.ndarray] = ()) -> None:
-        check_feeds(self.latent_dims, self.float_dtype, input_ids, position_ids, attention_mask, past)
+        check_feeds(self.cache, self.float_dtype, input_ids, position_ids, attention_mask, past)
 
     def _run(self, name: str, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         logits, *present = self.sessions[name].run(None, feeds)
@@ -72,8 +72,8 @@ class OnnxBackend:
 
     def prefill(self, input_ids, position_ids, attention_mask):
         self._check(input_ids, position_ids, attention_mask)
-        return self._run("prefill", feeds(input_ids, position_ids, attention_mask))
+        return self._run("prefill", feeds(self.cache, input_ids, position_ids, attention_mask))
 
     def step(self, input_ids, position_ids, attention_mask, past: Sequence[np.ndarray]):
         self._check(input_ids, position_ids, attention_mask, past)
-        return self._run("step", feeds(input_ids, position_ids, attention_mask, past))
+        return self._run("step", feeds(self.cache, input_ids, position_ids, attention_mask, past))

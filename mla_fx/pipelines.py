@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from mla_fx.passes.absorb_uk import absorb_uk
 from mla_fx.passes.absorb_uv import absorb_uv
+from mla_fx.passes.add_index_cache import add_index_cache
 from mla_fx.passes.add_latent_cache import add_latent_cache
 from mla_fx.passes.add_prefill_cache import add_prefill_cache
 from mla_fx.passes.cleanup import cleanup
@@ -25,7 +26,7 @@ from mla_fx.passes.verify_latent_only import verify_latent_only
 
 CANONICAL = [distribute_query_scale, split_query_like_key]
 ABSORB = [find_mla_sites, split_rope_score, absorb_uk, absorb_uv, to_latent_attention, verify_latent_only, cleanup]
-STEP = [add_latent_cache]
+STEP = [add_latent_cache, add_index_cache]
 PREFILL = [add_prefill_cache]
 
 

@@ -2,13 +2,18 @@
 programs' input and output names, the manifest files of an ONNX export and of a TensorRT engine folder, and the
 check every back-end makes of the arrays a caller feeds the programs.
 
-    step:    input_ids, position_ids, attention_mask, past_latent.{i}  ->  logits, present_latent.{i}
-    prefill: input_ids, position_ids, attention_mask                   ->  logits, present_latent.{i}
+    step:    input_ids, position_ids, attention_mask, past_latent.{i}, past_index_keys.{j}
+                 ->  logits, present_latent.{i}, present_index_keys.{j}
+    prefill: input_ids, position_ids, attention_mask  ->  logits, present_latent.{i}, present_index_keys.{j}
+
+The cache is one array per MLA layer i, [batch, tokens, d_c + d_r], and for a sparse (DSA) layer j whose indexer
+selects the keys, one more [batch, tokens, index_head_dim] with the indexer's keys (:class:`CacheTensor`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,26 +28,52 @@ ENGINE_MANIFEST, ENGINE_FORMAT = "mla_fx_tensorrt.json", "mla-fx-tensorrt/1"
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
 
 
-def past_name(layer: int) -> str:
-    return f"past_latent.{layer}"
+CACHE_KINDS = ("latent", "index_keys")
 
 
-def present_name(layer: int) -> str:
-    return f"present_latent.{layer}"
+@dataclass(frozen=True)
+class CacheTensor:
+    """One array of the cache: an MLA layer's latent rows, or a sparse layer's indexer keys."""
+
+    kind: str  # one of CACHE_KINDS
+    layer: int
+    width: int  # values per token
+
+    @property
+    def past(self) -> str:
+        return f"past_{self.kind}.{self.layer}"
+
+    @property
+    def present(self) -> str:
+        return f"present_{self.kind}.{self.layer}"
 
 
-def input_names(program: str, layers: int) -> list[str]:
-    return list(TOKEN_INPUTS) + ([past_name(i) for i in range(layers)] if program == "step" else [])
+def cache_layout(latent_dims: Sequence[int], index_key_dims: Mapping[int, int] | None = None) -> list[CacheTensor]:
+    """The cache in the programs' order: every layer's latent, then the indexer keys of the layers that hold them."""
+    return ([CacheTensor("latent", i, d) for i, d in enumerate(latent_dims)]
+            + [CacheTensor("index_keys", i, d) for i, d in sorted((index_key_dims or {}).items())])
 
 
-def output_names(layers: int) -> list[str]:
-    return ["logits"] + [present_name(i) for i in range(layers)]
+def manifest_cache(layers: Sequence[Mapping]) -> list[CacheTensor]:
+    """The cache an export's manifest describes (its `layers`: latent_dim, and index_key_dim for a sparse layer
+    that holds its indexer's keys)."""
+    return cache_layout([int(layer["latent_dim"]) for layer in layers],
+                        {i: int(layer["index_key_dim"]) for i, layer in enumerate(layers) if "index_key_dim" in layer})
 
 
-def feeds(input_ids, position_ids, attention_mask, past: Sequence[np.ndarray] = ()) -> dict[str, np.ndarray]:
+def input_names(program: str, cache: Sequence[CacheTensor]) -> list[str]:
+    return list(TOKEN_INPUTS) + ([c.past for c in cache] if program == "step" else [])
+
+
+def output_names(cache: Sequence[CacheTensor]) -> list[str]:
+    return ["logits"] + [c.present for c in cache]
+
+
+def feeds(cache: Sequence[CacheTensor], input_ids, position_ids, attention_mask,
+          past: Sequence[np.ndarray] = ()) -> dict[str, np.ndarray]:
     """The programs' inputs by name (a step when `past` is given, else a prefill)."""
     named = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask}
-    named.update({past_name(i): p for i, p in enumerate(past)})
+    named.update({c.past: p for c, p in zip(cache, past, strict=False)})
     return named
 
 
@@ -56,7 +87,7 @@ def read_engine_manifest(directory: Path) -> dict[str, Any]:
                          "mla-fx export MODEL --trt -o DIR")
 
 
-def check_feeds(latent_dims: Sequence[int], float_dtype: np.dtype, input_ids, position_ids, attention_mask,
+def check_feeds(cache: Sequence[CacheTensor], float_dtype: np.dtype, input_ids, position_ids, attention_mask,
                 past: Sequence[np.ndarray] = ()) -> None:
     """A clear error for arrays the programs cannot take (rank, dtype, cache width, lengths)."""
 
@@ -70,13 +101,15 @@ def check_feeds(latent_dims: Sequence[int], float_dtype: np.dtype, input_ids, po
         need(a.dtype == np.int64, f"{name} must be int64, got {a.dtype}")
     b, s = input_ids.shape
     need(position_ids.shape == (b, s), f"position_ids {position_ids.shape} must match input_ids {(b, s)}")
-    need(len(past) in (0, len(latent_dims)), f"expected {len(latent_dims)} past_latent arrays, got {len(past)}")
+    need(len(past) in (0, len(cache)), f"expected {len(cache)} past arrays ({', '.join(c.past for c in cache)}), "
+         f"got {len(past)}")
     past_len = past[0].shape[1] if past else 0
-    for i, (p, width) in enumerate(zip(past, latent_dims, strict=False)):
-        need(p.ndim == 3 and p.shape[0] == b, f"{past_name(i)} must be [batch={b}, tokens, {width}], got {p.shape}")
-        need(p.shape[2] == width, f"{past_name(i)} has {p.shape[2]} values per token; this model caches "
-             f"{width} (d_c + d_r)")
-        need(p.shape[1] == past_len, f"{past_name(i)} holds {p.shape[1]} tokens, {past_name(0)} {past_len}")
-        need(p.dtype == float_dtype, f"{past_name(i)} must be {float_dtype}, got {p.dtype}")
+    for c, p in zip(cache, past, strict=False):
+        need(p.ndim == 3 and p.shape[0] == b, f"{c.past} must be [batch={b}, tokens, {c.width}], got {p.shape}")
+        what = "d_c + d_r" if c.kind == "latent" else "index_head_dim"
+        need(p.shape[2] == c.width, f"{c.past} has {p.shape[2]} values per token; this model caches {c.width} "
+             f"({what})")
+        need(p.shape[1] == past_len, f"{c.past} holds {p.shape[1]} tokens, {cache[0].past} {past_len}")
+        need(p.dtype == float_dtype, f"{c.past} must be {float_dtype}, got {p.dtype}")
     need(attention_mask.shape == (b, past_len + s),
          f"attention_mask must be [batch, past + new] = {(b, past_len + s)}, got {attention_mask.shape}")

@@ -14,10 +14,11 @@ from typing import Protocol
 import numpy as np
 
 from mla_fx.errors import MLAFXError
+from mla_fx.products import CacheTensor
 
 
 class Backend(Protocol):
-    latent_dims: list[int]
+    cache: list[CacheTensor]
     vocab_size: int
     float_dtype: np.dtype
 
@@ -69,7 +70,7 @@ class Session:
         if use_prefill:
             logits, present = self.backend.prefill(ids, positions, mask)
         else:
-            empty = [np.zeros((len(prompts), 0, d), dtype=self.backend.float_dtype) for d in self.backend.latent_dims]
+            empty = [np.zeros((len(prompts), 0, c.width), dtype=self.backend.float_dtype) for c in self.backend.cache]
             logits, present = self.backend.step(ids, positions, mask, empty)
         self.state = DecodeState(present, mask, positions[:, -1] + 1)
         return logits

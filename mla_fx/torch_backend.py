@@ -13,7 +13,7 @@ from mla_fx.inference import InferencePrograms
 class TorchBackend:
     def __init__(self, programs: InferencePrograms):
         self.programs = programs
-        self.latent_dims = programs.latent_dims
+        self.cache = programs.cache
         self.vocab_size = programs.vocab_size
         self.float_dtype = torch.empty(0, dtype=programs.dtype).numpy().dtype if programs.dtype != torch.bfloat16 \
             else np.float32

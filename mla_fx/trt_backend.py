@@ -15,7 +15,7 @@ import numpy as np
 from mla_fx.errors import LoadError, MLAFXError
 from mla_fx.export.tensorrt_engine import require_cuda
 from mla_fx.export.tensorrt_plugin import register_plugin, require_tensorrt
-from mla_fx.products import NUMPY_DTYPES, check_feeds, feeds, read_engine_manifest
+from mla_fx.products import NUMPY_DTYPES, check_feeds, feeds, manifest_cache, read_engine_manifest
 
 # trt.DataType name -> torch dtype name
 TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
@@ -33,7 +33,7 @@ class TensorRTBackend:
         self.manifest = read_engine_manifest(self.directory)
         if self.manifest["dtype"] not in NUMPY_DTYPES:
             raise LoadError(f"the engines compute in {self.manifest['dtype']}, which numpy cannot hold")
-        self.latent_dims = [layer["latent_dim"] for layer in self.manifest["layers"]]
+        self.cache = manifest_cache(self.manifest["layers"])
         self.vocab_size = int(self.manifest["vocab_size"])
         self.float_dtype = np.dtype(NUMPY_DTYPES[self.manifest["dtype"]])
         self.limits = self.manifest["limits"]
@@ -98,11 +98,11 @@ class TensorRTBackend:
         return logits, present
 
     def prefill(self, input_ids, position_ids, attention_mask):
-        check_feeds(self.latent_dims, self.float_dtype, input_ids, position_ids, attention_mask)
+        check_feeds(self.cache, self.float_dtype, input_ids, position_ids, attention_mask)
         self._check_limits(input_ids, (), step=False)
-        return self._run("prefill", feeds(input_ids, position_ids, attention_mask))
+        return self._run("prefill", feeds(self.cache, input_ids, position_ids, attention_mask))
 
     def step(self, input_ids, position_ids, attention_mask, past: Sequence[np.ndarray]):
-        check_feeds(self.latent_dims, self.float_dtype, input_ids, position_ids, attention_mask, past)
+        check_feeds(self.cache, self.float_dtype, input_ids, position_ids, attention_mask, past)
         self._check_limits(input_ids, past, step=True)
-        return self._run("step", feeds(input_ids, position_ids, attention_mask, past))
+        return self._run("step", feeds(self.cache, input_ids, position_ids, attention_mask, past))

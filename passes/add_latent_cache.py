@@ -10,6 +10,7 @@ After:
 
 The per-step work grows with T_past only inside latent_attention: nothing else reads the cache.
 An empty past (T_past = 0) is valid, so this program alone can run a whole generation.
+A sparse attention (its mask selects keys by a top-k, DSA) keeps its mask for add_index_cache, which runs next.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import fx
 
 from ._inference import flat_signature, outputs, padding_causal_mask, placeholder, set_outputs
+from ._key_selection import selects_keys
 from .context import PassContext
 from .manager import PassResult
 from .to_latent_attention import LATENT_ATTENTION
@@ -34,12 +36,14 @@ def add_latent_cache(gm: fx.GraphModule, context: PassContext | None = None) -> 
     input_ids = placeholder(gm, "input_ids")
     attention_mask = placeholder(gm, "attention_mask")
     pasts = [placeholder(gm, f"past_latent_{i}") for i in range(len(attentions))]
-    mask = padding_causal_mask(gm, input_ids, attention_mask, before=attentions[0])
+    windows = [s.window for s in context.analysis.sites] if context and context.analysis else [None] * len(pasts)
     presents = []
-    for node, past in zip(attentions, pasts, strict=True):
+    for node, past, window in zip(attentions, pasts, windows, strict=True):
+        mask = padding_causal_mask(gm, input_ids, attention_mask, window)
         with gm.graph.inserting_before(node):
             present = gm.graph.call_function(aten.cat.default, ([past, node.args[2]], 1))
-        node.args = (node.args[0], node.args[1], present, mask, node.args[4], False)
+        node.args = (node.args[0], node.args[1], present, node.args[3] if selects_keys(node) else mask,
+                     node.args[4], False)
         presents.append(present)
     set_outputs(gm, [*logits, *presents])
     gm.graph.eliminate_dead_code()

@@ -13,6 +13,10 @@ After:
     present_latent_i = cat([c_kv, k_rope], -1)                    [B, S, d_c + d_r]
 
 present_latent_i is the same row the step program appends: normalized c_KV and k_R after RoPE.
+
+A sparse attention (DSA, passes/_key_selection.py) keeps its top-k mask, with the model's mask under it replaced by
+the padding-causal one, and the program also returns the indexer's keys (present_index_keys_i [B, S, D_I]) for the
+layers add_index_cache caches them with.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from mla_fx.errors import NoMLAError
 
 from ._graph import last_dim_parts, shape, strip_expand
 from ._inference import flat_signature, outputs, padding_causal_mask, placeholder, set_outputs
+from ._key_selection import KeySelection, cached_selections
 from .context import PassContext
 from .find_mla_sites import no_mla_message
 from .manager import PassResult
@@ -43,7 +48,10 @@ def add_prefill_cache(gm: fx.GraphModule, context: PassContext | None = None) ->
     input_ids = placeholder(gm, "input_ids")
     attention_mask = placeholder(gm, "attention_mask")
     attentions = [by_name[s.attention] for s in sites]
-    mask = padding_causal_mask(gm, input_ids, attention_mask, before=attentions[0])
+    mask = padding_causal_mask(gm, input_ids, attention_mask)  # every sparse layer's (none has a window)
+    selections = [s.selection for s in sites if isinstance(s.selection, KeySelection)]
+    for model_mask in {s.model_mask for s in selections}:
+        by_name[model_mask].replace_all_uses_with(mask)
     g, presents = gm.graph, []
     for site, node in zip(sites, attentions, strict=True):
         a = sdpa_arguments(node)
@@ -56,8 +64,11 @@ def add_prefill_cache(gm: fx.GraphModule, context: PassContext | None = None) ->
             rows = [g.call_function(aten.reshape.default, (latent, [batch, -1, d_c])),
                     g.call_function(aten.reshape.default, (k_rope, [batch, -1, d_r]))]
             presents.append(g.call_function(aten.cat.default, (rows, -1)))
-        node.args = (a["query"], a["key"], a["value"], mask)
+        sparse = isinstance(site.selection, KeySelection)
+        own = mask if site.window is None else padding_causal_mask(gm, input_ids, attention_mask, site.window)
+        node.args = (a["query"], a["key"], a["value"], a["attn_mask"] if sparse else own)
         node.kwargs = {"scale": a["scale"], "is_causal": False, "dropout_p": 0.0}
-    set_outputs(gm, [*logits, *presents])
+    index_keys = [by_name[s.keys] for s in cached_selections(sites).values()]
+    set_outputs(gm, [*logits, *presents, *index_keys])
     g.eliminate_dead_code()
     return PassResult(gm, True, {"layers": len(sites)})

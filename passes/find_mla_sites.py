@@ -29,6 +29,7 @@ from ._graph import (
     shape,
     strip_expand,
 )
+from ._key_selection import KeySelection, find_key_selection
 from .context import PassContext
 from .manager import PassResult
 
@@ -44,10 +45,17 @@ class MLASite:
     spec: MLASpec
     kv_up_weight: str
     labels: dict[str, str] = field(default_factory=dict)
+    # sparse attention (DSA): the top-k key selection, or why a top-k-masked attention is not understood
+    selection: KeySelection | str | None = None
+    # a sliding-window layer's window (config layer_types): the inference programs' masks keep it
+    window: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"attention": self.attention, "module": self.module, "kv_up_weight": self.kv_up_weight,
-                "spec": self.spec.to_dict()}
+        out = {"attention": self.attention, "module": self.module, "kv_up_weight": self.kv_up_weight,
+               "spec": self.spec.to_dict()}
+        if isinstance(self.selection, KeySelection):
+            out["sparse"] = {"top_k": self.selection.top_k, "index_key_dim": self.selection.key_dim}
+        return out
 
 
 def _linear_source(node: fx.Node):
@@ -127,29 +135,8 @@ def match_site(attn: fx.Node) -> MLASite | str:
         hidden_size=hidden,
     )
     return MLASite(attn.name, _module_label(attn), spec, up_k[0].args[1].target,
-                   {"q_rope": q_rope.name, "k_rope": k_rope.name, "latent": latent_k.name})
-
-
-# ops that mix values: a top-k behind one of them selects experts or computes scores; a top-k that reaches
-# an attention mask without passing one selects the keys (DSA's lightning indexer)
-_MIXING = {LINEAR, SDPA, torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.matmul.default,
-           torch.ops.aten.einsum.default}
-
-
-def selects_keys(attn: fx.Node) -> bool:
-    """Whether the attention's mask is built from a top-k's indices: sparse attention over selected keys."""
-    mask = attn.args[3] if len(attn.args) > 3 else attn.kwargs.get("attn_mask")
-    frontier, seen = [mask] if isinstance(mask, fx.Node) else [], set()
-    while frontier:
-        node = frontier.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.target is torch.ops.aten.topk.default:
-            return True
-        if node.target not in _MIXING:
-            frontier.extend(node.all_input_nodes)
-    return False
+                   {"q_rope": q_rope.name, "k_rope": k_rope.name, "latent": latent_k.name},
+                   find_key_selection(attn))
 
 
 def find_sites(gm: fx.GraphModule) -> tuple[list[MLASite], dict[str, str]]:

@@ -17,11 +17,9 @@ ARCHITECTURES = {a.name: a for a in mla_architectures()}
 # What mla-fx cannot do yet, by architecture: (the stage it stops at, what it says there). Each is an
 # open item of the architecture issue; the README's table (from `python -m mla_fx.sweep --markdown`)
 # says the same.
-SPARSE = ("export", "read only the keys a top-k selects")  # DSA: the indexer's keys are not cached yet
 HYBRID = ("export", "mixes MLA with linear_attention layers")  # the linear layers' state is not carried yet
 TEXT_OF_MULTIMODAL = ("build", "no causal-LM class")  # only a ...ForConditionalGeneration class
 KNOWN_GAPS = {
-    "axk2": SPARSE, "deepseek_v32": SPARSE, "dots3_note": SPARSE, "glm_moe_dsa": SPARSE,
     "bailing_hybrid": HYBRID, "kimi_linear": HYBRID,
     "glm5_next": TEXT_OF_MULTIMODAL, "hy_v4_vl": TEXT_OF_MULTIMODAL, "mistral_large4": TEXT_OF_MULTIMODAL,
     "hy_v4": ("absorb", "no scaled_dot_product_attention at all"),  # refuses SDPA (attention sinks): eager

@@ -55,9 +55,9 @@ def test_check_onnx_refuses_an_export_of_another_model(example_export, capsys):
 
 def test_backend_rejects_wrong_inputs_with_clear_errors(example_export):
     backend = OnnxBackend(example_export)
-    width = backend.latent_dims[0]
+    width = backend.cache[0].width
     ids, pos, mask = np.array([[1, 2]]), np.array([[0, 1]]), np.ones((1, 2), np.int64)
-    past = [np.zeros((1, 0, d), np.float32) for d in backend.latent_dims]
+    past = [np.zeros((1, 0, d), np.float32) for d in (c.width for c in backend.cache)]
     with pytest.raises(MLAFXError, match="input_ids must be a 2-D array"):
         backend.step(ids[0], pos, mask, past)
     with pytest.raises(MLAFXError, match="position_ids must be int64"):

@@ -128,10 +128,10 @@ def test_empty_past_and_single_token_steps_run(tmp_path_factory):
     loaded, programs, folder, _ = exported("reference", tmp_path_factory)
     backend = OnnxBackend(folder)
     ids = np.array([[3, 4, 5]], dtype=np.int64)
-    empty = [np.zeros((1, 0, d), np.float32) for d in backend.latent_dims]
+    empty = [np.zeros((1, 0, d), np.float32) for d in (c.width for c in backend.cache)]
     logits, present = backend.step(ids, np.arange(3)[None], np.ones((1, 3), np.int64), empty)
     assert logits.shape == (1, 3, loaded.vocab_size) and [p.shape for p in present] == [
-        (1, 3, d) for d in backend.latent_dims]
+        (1, 3, d) for d in (c.width for c in backend.cache)]
     ref = loaded.reference()(torch.from_numpy(ids)).detach().numpy()
     np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
 

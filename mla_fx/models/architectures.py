@@ -26,7 +26,7 @@ TINY = dict(
     kv_lora_rank=32, q_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
     n_routed_experts=4, num_experts=4, num_experts_per_tok=2, num_experts_per_token=2, moe_topk=2,
     n_shared_experts=1, num_shared_experts=1, n_group=1, num_expert_group=1, topk_group=1, zero_expert_num=1,
-    max_position_embeddings=256, model_max_length=256, index_topk=8, index_head_dim=16, index_n_heads=2,
+    max_position_embeddings=256, model_max_length=256, index_topk=8, index_head_dim=16, index_n_heads=16,
     linear_head_dim=16, linear_num_heads=4, sliding_window=8, num_nextn_predict_layers=0, gated_norm_rank=4,
     index_kpool=2, layer_group_size=2,
 )
