@@ -58,8 +58,12 @@ class CheckpointParameters:
             try:
                 stored = tuple(self.checkpoint.headers[self._key(module_key)].shape)
             except LoadError:
-                fused = fused_parameter(self.structure.conversion_keys, module_key, list(self.checkpoint.shard_of),
-                                        self._read)
+                try:
+                    fused = fused_parameter(self.structure.conversion_keys, module_key,
+                                            list(self.checkpoint.shard_of), self._read)
+                except LoadError as e:
+                    found.append(str(e))
+                    continue
                 if fused is None:
                     found.append(f"{module_key} is missing")
                 elif fused.count != shape[0]:

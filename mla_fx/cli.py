@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from mla_fx.api import token_prompts
-from mla_fx.errors import CheckFailed, MLAFXError
+from mla_fx.errors import CheckFailed, MLAFXError, UnstreamableCheckpoint
 
 
 def _count(minimum: int):
@@ -453,7 +453,14 @@ def cmd_export(args) -> int:
     dtype = getattr(torch, args.dtype or ("float16" if args.trt else "float32"))
     checkpoint = None if args.trt else _streamable_checkpoint(args)
     if checkpoint is not None:
-        return _export_checkpoint(args, checkpoint, dtype, progress)
+        try:
+            return _export_checkpoint(args, checkpoint, dtype, progress)
+        except UnstreamableCheckpoint:
+            from mla_fx.checkpoint_checks import machine_memory
+
+            if checkpoint.numel() * dtype.itemsize * 3 > machine_memory() // 2:
+                raise
+            progress("its weights cannot be read one at a time; it fits in memory, so it is loaded whole")
     progress(f"loading {args.model}")
     loaded = _load_model(args)
     loaded = loaded.to(dtype)

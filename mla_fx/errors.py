@@ -11,6 +11,10 @@ class LoadError(MLAFXError):
     """MODEL is not something mla-fx can load (missing, corrupt, unsupported, pickle refused)."""
 
 
+class UnstreamableCheckpoint(LoadError):
+    """A checkpoint whose keys transformers renames by patterns mla-fx does not follow: it loads only whole."""
+
+
 class NoMLAError(MLAFXError):
     """The model has no Multi-head Latent Attention that the passes recognise."""
 

@@ -16,7 +16,7 @@ from mla_fx import pipelines
 from mla_fx.absorb import AbsorbConfig, absorb
 from mla_fx.checkpoint import Checkpoint
 from mla_fx.cost import crossover_tokens
-from mla_fx.errors import LoadError, MLAFXError
+from mla_fx.errors import LoadError, MLAFXError, UnstreamableCheckpoint
 from mla_fx.loading import LoadedModel
 from mla_fx.passes._key_selection import cached_selections
 from mla_fx.passes.capture import capture
@@ -145,6 +145,7 @@ def plan_programs(checkpoint: Checkpoint, config: AbsorbConfig | None = None,
     in `dtype`: their weights are read from the shards one at a time when the programs are exported."""
     from mla_fx.checkpoint_params import CheckpointParameters
     from mla_fx.structure import capture_structure
+    from mla_fx.transformers_loading import unfollowed_renamings
 
     _refuse_stateful_layers(checkpoint.config)
     structure = capture_structure(checkpoint, dtype, positions=True)
@@ -154,16 +155,25 @@ def plan_programs(checkpoint: Checkpoint, config: AbsorbConfig | None = None,
     for gm in (programs.step, programs.prefill):  # buffers no checkpoint holds (RoPE's inv_freq), with values
         for name, value in structure.buffers.items():
             owner, _, leaf = name.rpartition(".")
-            if leaf in gm.get_submodule(owner)._buffers:
-                gm.get_submodule(owner)._buffers[leaf] = value
+            try:
+                module = gm.get_submodule(owner)
+            except AttributeError:  # a module no program calls (the vision tower of a model run on text)
+                continue
+            if leaf in module._buffers:
+                module._buffers[leaf] = value
     programs.fetch = CheckpointParameters(checkpoint, structure)
     shapes = {name: t.shape for name, t in [*structure.graph.named_parameters(), *structure.graph.named_buffers()]}
     read = {name for gm in (programs.step, programs.prefill) for t in [*gm.parameters(), *gm.buffers()]
             if t.is_meta and recipe_of(t) is not None for name in recipe_sources(recipe_of(t))}
     problems = programs.fetch.problems({name: shapes[name] for name in sorted(read)})
     if problems:
-        raise LoadError(f"{checkpoint.directory}: the weights do not fit config.json: {len(problems)} problem(s), "
-                        f"e.g. {'; '.join(problems[:3])}")
+        unfollowed = unfollowed_renamings(structure.conversion_keys)
+        hint = (f" (transformers renames this checkpoint's keys at load by patterns, e.g. {'; '.join(unfollowed[:2])}, "
+                "which a streamed export does not follow yet: mla-fx absorb loads the model whole through "
+                "transformers)") if unfollowed else ""
+        error = UnstreamableCheckpoint if unfollowed else LoadError
+        raise error(f"{checkpoint.directory}: the weights do not fit config.json{hint}: {len(problems)} "
+                    f"problem(s), e.g. {'; '.join(problems[:3])}")
     programs.note = structure.note
     return programs
 

@@ -105,7 +105,7 @@ def _from_config(config: dict[str, Any], name: str) -> LoadedModel:
 
 
 def _hf_model(name: str, model: nn.Module, choice: transformers_loading.ModelChoice) -> LoadedModel:
-    cfg = model.config
+    cfg = model.config.get_text_config(decoder=True) if choice.text_only else model.config
     return LoadedModel(name, "hf", CausalLMLogits(model).eval(), None, cfg.vocab_size,
                        getattr(cfg, "max_position_embeddings", DEFAULT_MAX_SEQ), cfg.to_dict(),
                        transformers_loading.text_decoder_note(choice))

@@ -116,7 +116,7 @@ def capture_structure(checkpoint: Checkpoint, dtype: torch.dtype | None = None, 
     wrapper = CausalLMLogits(model).eval()
     buffers = _non_persistent_buffers(wrapper)
     wrapper.to("meta")
-    cfg = choice.config
+    cfg = choice.text_config
     max_seq = getattr(cfg, "max_position_embeddings", None) or 4096
     structure = Structure(None, buffers, int(cfg.vocab_size), int(max_seq), dtype,
                           transformers_loading.text_decoder_note(choice), transformers_loading.conversion_keys(model),

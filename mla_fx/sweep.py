@@ -59,12 +59,12 @@ def _run_cli(argv: list[str]) -> tuple[int, str]:
 
 def save_tiny(arch, directory: Path, seed: int = 0) -> str:
     """The architecture's tiny model with the zoo's random weights, saved as a checkpoint directory."""
-    from mla_fx.models.architectures import tiny_config
+    from mla_fx.models.architectures import tiny_checkpoint_config
     from mla_fx.models.hf import _randomise
     from mla_fx.transformers_loading import from_config
 
     torch.manual_seed(seed)
-    model, choice = from_config(tiny_config(arch))
+    model, choice = from_config(tiny_checkpoint_config(arch))
     _randomise(model, seed)
     model.save_pretrained(directory)
     return choice.cls.__name__

@@ -43,6 +43,11 @@ class ModelChoice:
     cls: type
     config: Any  # the (text) config the class is built from
     multimodal_cls: type | None = None  # the multimodal class config.json names, when its text decoder is used
+    text_only: bool = False  # cls is multimodal (transformers has no class for its text decoder alone), run on text
+
+    @property
+    def text_config(self):
+        return self.config.get_text_config(decoder=True) if self.text_only else self.config
 
 
 def _is_causal_lm(cls: type) -> bool:
@@ -66,7 +71,8 @@ def _auto_class(tf, config) -> type | None:
 
 def choose_class(config) -> ModelChoice:
     """The causal-LM class for `config`: what `architectures` names, else the auto mapping; for a
-    multimodal config, the causal LM of its text config."""
+    multimodal config, the causal LM of its text config, or where transformers has none, the multimodal class
+    itself run on text alone (its forward takes input_ids without images; the vision tower is never called)."""
     tf = _transformers()
     named = [getattr(tf, a, None) for a in (getattr(config, "architectures", None) or [])]
     for cls in named:
@@ -82,6 +88,9 @@ def choose_class(config) -> ModelChoice:
             outer = next((c for c in named if c is not None), None) or _auto_class(tf, config)
             if outer is not None:
                 return ModelChoice(cls, text, multimodal_cls=outer)
+        outer = next((c for c in named if c is not None), None) or _auto_class(tf, config)
+        if outer is not None and "kv_lora_rank" in text.to_dict():
+            return ModelChoice(outer, config, text_only=True)
     raise LoadError(f"no causal-LM class for model_type {getattr(config, 'model_type', None)!r}: config.json "
                     f"names {getattr(config, 'architectures', None)}, and transformers maps "
                     f"{type(config).__name__} to no causal LM and has no MLA text decoder in it")
@@ -166,6 +175,9 @@ def _text_decoder(multimodal: nn.Module, choice: ModelChoice) -> nn.Module:
 
 
 def text_decoder_note(choice: ModelChoice) -> str | None:
+    if choice.text_only:
+        return (f"{choice.cls.__name__} is multimodal and transformers has no class for its MLA text decoder alone: "
+                "it runs on text (no image inputs), so its vision tower is in no program")
     if choice.multimodal_cls is None:
         return None
     return (f"{choice.multimodal_cls.__name__} is multimodal: its MLA text decoder ({choice.cls.__name__}) is absorbed "
@@ -237,6 +249,18 @@ def fused_parameter(conversion_keys: tuple[str, ...], module_key: str, keys: lis
 
         return FusedParameter(len(experts), parts())
     return None
+
+
+def unfollowed_renamings(conversion_keys: tuple[str, ...]) -> list[str]:
+    """The renamings transformers applies at load time that :func:`stored_names` cannot follow back (regular
+    expressions: a checkpoint in its maker's own format, such as Mistral's consolidated names)."""
+    from transformers.core_model_loading import WeightConverter
+
+    plain = re.compile(r"^[\w.]+$")
+    return [f"{source} -> {target}" for renaming in _conversions(conversion_keys)
+            if not isinstance(renaming, WeightConverter)
+            for source, target in zip(renaming.source_patterns, renaming.target_patterns, strict=False)
+            if not (plain.match(source.replace("\\.", ".")) and plain.match(target))]
 
 
 def stored_names(conversion_keys: tuple[str, ...], module_key: str) -> list[str]:

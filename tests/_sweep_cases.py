@@ -18,11 +18,11 @@ ARCHITECTURES = {a.name: a for a in mla_architectures()}
 # open item of the architecture issue; the README's table (from `python -m mla_fx.sweep --markdown`)
 # says the same.
 HYBRID = ("export", "mixes MLA with linear_attention layers")  # the linear layers' state is not carried yet
-TEXT_OF_MULTIMODAL = ("build", "no causal-LM class")  # only a ...ForConditionalGeneration class
+SINKS = ("absorb", "no scaled_dot_product_attention at all")  # refuses SDPA (attention sinks): eager
 KNOWN_GAPS = {
     "bailing_hybrid": HYBRID, "kimi_linear": HYBRID,
-    "glm5_next": TEXT_OF_MULTIMODAL, "hy_v4_vl": TEXT_OF_MULTIMODAL, "mistral_large4": TEXT_OF_MULTIMODAL,
-    "hy_v4": ("absorb", "no scaled_dot_product_attention at all"),  # refuses SDPA (attention sinks): eager
+    "hy_v4": SINKS, "hy_v4_vl": SINKS,
+    "glm5_next": ("absorb", "no decoupled RoPE part"),  # qk_rope_head_dim 0: the cache would be the latent alone
     "longcat_flash": ("absorb", "Eq(u0, 0)"),  # zero experts: a data-dependent expert loop
 }
 README = Path(__file__).parents[1] / "README.md"

@@ -5,7 +5,8 @@ that transformers adds is found without code here. `tiny_config(arch)` shrinks t
 default config: the sizes below wherever the config has them, and one layer of each kind it mixes
 (attention kinds such as linear, sliding or indexed attention; dense and MoE feed-forwards), with the
 per-layer overrides it has kept on a layer of the tiny model. Nothing else changes, so MoE stays on,
-DSA keeps its indexer and hybrids keep their other layers.
+DSA keeps its indexer and hybrids keep their other layers. `tiny_checkpoint_config(arch)` is what a checkpoint
+holds: that config, or for a text decoder transformers has no class for alone, its multimodal config.
 """
 
 from __future__ import annotations
@@ -127,6 +128,34 @@ def tiny_config(arch: Architecture):
     config = arch.config_class(**kw)
     config.architectures = named_architectures(arch)
     return config
+
+
+# sizes for a multimodal model's other sub-models (vision, audio): one tiny layer
+TINY_TOWER = dict(TINY, num_hidden_layers=1, depth=1, num_layers=1, embed_dim=64, head_dim=16, out_hidden_size=64,
+                  projection_intermediate_size=96)
+
+
+def tiny_checkpoint_config(arch: Architecture):
+    """What a checkpoint of the architecture holds, tiny: its (text) config, or where transformers has no class
+    for the text decoder alone (GLM-5-Next, Mistral Large 3, HY-V4-VL), the multimodal config around it with the
+    other sub-models shrunk to one tiny layer (their outputs never reach a text-only forward)."""
+    from mla_fx.errors import LoadError
+    from mla_fx.transformers_loading import choose_class
+
+    text = tiny_config(arch)
+    try:
+        choice = choose_class(text)
+    except LoadError:
+        choice = None
+    outer = [c for c in _configs_of(arch.folder) if "text_config" in _defaults(c)]
+    if choice is not None or not outer:
+        return text
+    d = outer[0]().to_dict()
+    for key, sub in d.items():
+        if isinstance(sub, dict) and "model_type" in sub:
+            d[key] = {k: TINY_TOWER.get(k, v) for k, v in sub.items()}
+    d["text_config"] = text.to_dict()
+    return outer[0](**d)
 
 
 def named_architectures(arch: Architecture) -> list[str] | None:
