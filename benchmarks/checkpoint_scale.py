@@ -33,7 +33,8 @@ V3 = dict(hidden_size=7168, num_attention_heads=128, num_key_value_heads=128, q_
           kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
           intermediate_size=18432, moe_intermediate_size=2048, n_routed_experts=256, n_shared_experts=1,
           num_experts_per_tok=8, first_k_dense_replace=0, vocab_size=129280, num_hidden_layers=61)
-FAMILIES = {"v2lite": V2_LITE, "v3": V3}
+V32 = dict(V3, index_n_heads=64, index_head_dim=128, index_topk=2048)  # DeepSeek-V3.2: V3 + the DSA indexer
+FAMILIES = {"v2lite": V2_LITE, "v3": V3, "v32": V32}
 SHARD_BYTES = 2 << 30
 FP8_BLOCK = 128
 
@@ -67,6 +68,10 @@ def hub_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
         out += [(a + "kv_a_proj_with_mqa.weight", (d_c + d_r, h)), (a + "kv_a_layernorm.weight", (d_c,)),
                 (a + "kv_b_proj.weight", (heads * (cfg["qk_nope_head_dim"] + d_v), d_c)),
                 (a + "o_proj.weight", (h, heads * d_v))]
+        if "index_head_dim" in cfg:  # DSA's lightning indexer
+            x, d_i, n_i = a + "indexer.", cfg["index_head_dim"], cfg["index_n_heads"]
+            out += [(x + "wq_b.weight", (n_i * d_i, q_lora)), (x + "wk.weight", (d_i, h)),
+                    (x + "k_norm.weight", (d_i,)), (x + "k_norm.bias", (d_i,)), (x + "weights_proj.weight", (n_i, h))]
         m = p + "mlp."
         if i < cfg["first_k_dense_replace"]:
             inter = cfg["intermediate_size"]
@@ -96,7 +101,9 @@ def synthesize(directory: Path, family: str | dict, layers: int, fp8: bool, shar
     from mla_fx.models.hf import FP8_SKIP
 
     cfg = dict(FAMILIES[family] if isinstance(family, str) else family, num_hidden_layers=layers)
-    config = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "dtype": "bfloat16",
+    cls, model_type = ("DeepseekV32ForCausalLM", "deepseek_v32") if "index_head_dim" in cfg else \
+        ("DeepseekV3ForCausalLM", "deepseek_v3")
+    config = {"architectures": [cls], "model_type": model_type, "dtype": "bfloat16",
               "n_group": 1, "topk_group": 1, "rope_interleave": True, "max_position_embeddings": 4096,
               "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "routed_scaling_factor": 2.5,
               "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, **cfg}
@@ -276,7 +283,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--sizes", help="comma-separated FAMILY[-fp8]:LAYERS (families: v2lite, v3)")
+    p.add_argument("--sizes", help="comma-separated FAMILY[-fp8]:LAYERS (families: v2lite, v3, v32)")
     p.add_argument("--scratch", type=Path, help="where the checkpoints are written (default: the system temp)")
     p.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
