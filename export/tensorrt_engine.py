@@ -115,10 +115,6 @@ def build_engines(onnx_dir: Path, out_dir: Path, *, max_batch: int, max_new_toke
     engines must support it. None: the oldest PTX the GPU has, which every driver for it accepts.
     `verify(folder)` runs on the finished folder before it replaces `out_dir`; if it raises, nothing is
     written and an earlier folder at `out_dir` stays."""
-    sparse = [i for i, layer in enumerate(read_onnx_manifest(Path(onnx_dir))["layers"]) if "index_key_dim" in layer]
-    if sparse:
-        raise MLAFXError(f"{onnx_dir}: layers {sparse} are sparse attention (DSA), which has no TensorRT plugin yet; "
-                         "the ONNX export runs in ONNX Runtime (mla-fx generate DIR)")
     trt = require_tensorrt()
     require_cuda()
     if implementation not in IMPLEMENTATIONS:
@@ -131,6 +127,10 @@ def build_engines(onnx_dir: Path, out_dir: Path, *, max_batch: int, max_new_toke
         ptx = ptx_text(ptx_version)
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     source = read_onnx_manifest(onnx_dir)
+    sparse = [i for i, layer in enumerate(source["layers"]) if "index_key_dim" in layer]
+    if sparse:
+        raise MLAFXError(f"{onnx_dir}: layers {sparse} are sparse attention (DSA), which has no TensorRT plugin yet; "
+                         "the ONNX export runs in ONNX Runtime (mla-fx generate DIR)")
     if dtype is not None and dtype != source["dtype"]:
         raise MLAFXError(f"{onnx_dir} was exported in {source['dtype']}; a strongly typed TensorRT network keeps "
                          f"the export's types: re-export with --dtype {dtype}")

@@ -1,7 +1,7 @@
 """The architecture sweep's cases (tests/test_architectures*.py): every architecture of the installed
 transformers whose config has kv_lora_rank, built tiny as it really is (MoE on, one layer of each
 kind), saved as a checkpoint directory and put through `mla-fx absorb` (checked against the HF model's logits and greedy
-generation, float32 and float64) and `mla-fx export --onnx` (ONNX Runtime's prefill, decode steps and
+generation, in float64) and `mla-fx export --onnx` (float32: ONNX Runtime's prefill, decode steps and
 greedy generation checked against the HF model). An architecture transformers adds is swept too, and
 fails here with its name until mla-fx handles it or it is listed below with the reason.
 """

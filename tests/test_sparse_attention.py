@@ -1,5 +1,7 @@
 """Sparse MLA (DeepSeek-V3.2's lightning indexer, DSA): the inference programs cache the indexer's keys beside the
-latent and give the latent attention the rows a top-k selected; PyTorch and ONNX Runtime equal HF's model.
+latent and give the latent attention the rows a top-k selected; the programs equal HF's model, the ONNX step
+reads the caches only where it should, and the ONNX function body equals the op (ONNX Runtime's generation of
+every DSA architecture against HF is the sweep's: tests/_sweep_cases.py).
 
 The tiny DeepseekV32 keeps its MoE layer and index_topk 8, and the prompts plus decode steps reach 27 cached tokens,
 so most steps select 8 of more tokens: the test fails if the selection is lost (checked: dense attention differs).
@@ -7,10 +9,8 @@ so most steps select 8 of more tokens: the test fails if the selection is lost (
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
-import onnx
+import onnx_ir as ir
 import pytest
 import torch
 
@@ -22,14 +22,12 @@ if not has_transformers():
 from mla_fx import ops  # noqa: E402
 from mla_fx.check_backends import check_backends, default_prompts  # noqa: E402
 from mla_fx.export.latent_attention_onnx import DOMAIN, SPARSE_OP_TYPE, sparse_function_proto  # noqa: E402
-from mla_fx.export.onnx import export_onnx  # noqa: E402
+from mla_fx.export.onnx import cache_report, export_program  # noqa: E402
 from mla_fx.inference import build_programs  # noqa: E402
 from mla_fx.loading import load_model  # noqa: E402
 from mla_fx.models.architectures import mla_architectures  # noqa: E402
-from mla_fx.ort_backend import OnnxBackend  # noqa: E402
 from mla_fx.passes.add_index_cache import SPARSE_LATENT_ATTENTION  # noqa: E402
 from mla_fx.passes.to_latent_attention import LATENT_ATTENTION  # noqa: E402
-from mla_fx.products import ONNX_MANIFEST  # noqa: E402
 from mla_fx.sweep import save_tiny  # noqa: E402
 from mla_fx.torch_backend import TorchBackend  # noqa: E402
 
@@ -45,9 +43,8 @@ def v32(tmp_path_factory):
     save_tiny(arch, directory)
     loaded = load_model(directory)
     programs = build_programs(loaded)
-    folder = tmp_path_factory.mktemp("deepseek_v32-onnx") / "export"
-    export_onnx(programs, folder)
-    return loaded, programs, folder, directory
+    step = export_program(programs, "step", "custom")  # ONNX Runtime's generation: the sweep's (tests/_sweep_cases)
+    return loaded, programs, step, directory
 
 
 def test_the_programs_cache_the_index_keys_and_read_only_the_selected_rows(v32):
@@ -65,10 +62,10 @@ def test_the_programs_cache_the_index_keys_and_read_only_the_selected_rows(v32):
     assert programs.output_names() == ["logits"] + [c.present for c in programs.cache]
 
 
-def test_pytorch_and_onnx_runtime_equal_hf_with_the_selection_engaged(v32):
-    loaded, programs, folder, directory = v32
+def test_the_programs_equal_hf_with_the_selection_engaged(v32):
+    loaded, programs, _, directory = v32
     prompts = default_prompts(loaded.vocab_size, PROMPTS)
-    backends = [("rewritten", TorchBackend(programs)), ("onnxruntime", OnnxBackend(folder))]
+    backends = [("rewritten", TorchBackend(programs))]
     comparisons = check_backends(loaded.reference(), backends, prompts, DECODE_STEPS, torch.float32)
     assert all(c.passed for c in comparisons), [c.line() for c in comparisons if not c.passed]
     assert max(PROMPTS) + DECODE_STEPS > 2 * loaded.hf_config["index_topk"]
@@ -82,8 +79,8 @@ def test_pytorch_and_onnx_runtime_equal_hf_with_the_selection_engaged(v32):
 
 
 def test_the_onnx_step_reads_the_caches_only_where_it_should(v32):
-    _, programs, folder, _ = v32
-    graph = onnx.load(folder / "step.onnx", load_external_data=False).graph
+    _, programs, step, _ = v32
+    graph = step.graph
     readers = {}
     for node in graph.node:
         for name in node.input:
@@ -95,11 +92,10 @@ def test_the_onnx_step_reads_the_caches_only_where_it_should(v32):
         assert concat.op_type == "Concat" and cache.present in concat.output
         if cache.kind == "latent":  # the appended latent goes to its layer's sparse attention alone
             assert {n.op_type for n in readers[cache.present]} <= {SPARSE_OP_TYPE, "Shape"}
-    manifest = json.loads((folder / ONNX_MANIFEST).read_text())
-    assert [layer.get("index_key_dim") for layer in manifest["layers"]] == [16] * len(programs.sites)
-    assert [row["index_key_bytes"] for row in manifest["cache_bytes_per_token"]] == [4 * 16] * len(programs.sites)
-    assert {"TopK", "GatherND"} <= {n.op_type for n in graph.node} | {
-        n.op_type for f in onnx.load(folder / "step.onnx", load_external_data=False).functions for n in f.node}
+    rows = cache_report(ir.serde.deserialize_model(step), programs)
+    assert [row["index_key_bytes"] for row in rows] == [4 * 16] * len(programs.sites)
+    assert programs.index_key_dims == dict.fromkeys(range(len(programs.sites)), 16)
+    assert {"TopK", "GatherND"} <= {n.op_type for n in graph.node} | {n.op_type for f in step.functions for n in f.node}
 
 
 def _sparse_case(seed: int, tokens: int, top_k: int):
