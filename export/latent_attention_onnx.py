@@ -48,7 +48,6 @@ def LatentAttention(q_latent, q_rope, latent_kv, attn_mask, scale: float, kv_lor
 
 
 SPARSE_OP_TYPE = "SparseLatentAttention"
-SPARSE_ATTRIBUTES = ATTRIBUTES[:3]  # ONNX Runtime only: no TensorRT plugin reads it
 
 
 @onnxscript.script(opset=_opset, default_opset=op)

@@ -2,7 +2,8 @@
 
 `mla-fx export MODEL --onnx -o DIR`. Opset 23, dynamic batch / new tokens / cached tokens, inputs and outputs
 named like HF/optimum past_key_values:
-input_ids, position_ids, attention_mask, past_latent.{i} -> logits, present_latent.{i}.
+input_ids, position_ids, attention_mask, past_latent.{i} (, past_index_keys.{i}) -> logits, present_latent.{i}
+(, present_index_keys.{i}): the cache layout of :mod:`mla_fx.products`.
 
 The exporter sees shapes only: every weight is a stand-in while the graph is lowered and optimized, and stays a
 named input of the ONNX graph until :mod:`.onnx_weights` writes it (each tensor once for both programs, into

@@ -147,11 +147,11 @@ def plan_programs(checkpoint: Checkpoint, config: AbsorbConfig | None = None,
     from mla_fx.structure import capture_structure
     from mla_fx.transformers_loading import unfollowed_renamings
 
-    _refuse_stateful_layers(checkpoint.config)
     structure = capture_structure(checkpoint, dtype, positions=True)
+    _refuse_stateful_layers(structure.hf_config)
     with RecordTransforms():
         programs = _programs(structure.fresh_graph(), config, structure.vocab_size, structure.max_seq,
-                             checkpoint.config)
+                             structure.hf_config)
     for gm in (programs.step, programs.prefill):  # buffers no checkpoint holds (RoPE's inv_freq), with values
         for name, value in structure.buffers.items():
             owner, _, leaf = name.rpartition(".")
@@ -169,8 +169,8 @@ def plan_programs(checkpoint: Checkpoint, config: AbsorbConfig | None = None,
     if problems:
         unfollowed = unfollowed_renamings(structure.conversion_keys)
         hint = (f" (transformers renames this checkpoint's keys at load by patterns, e.g. {'; '.join(unfollowed[:2])}, "
-                "which a streamed export does not follow yet: mla-fx absorb loads the model whole through "
-                "transformers)") if unfollowed else ""
+                "which reading one weight at a time does not follow yet; transformers loads the model whole)"
+                ) if unfollowed else ""
         error = UnstreamableCheckpoint if unfollowed else LoadError
         raise error(f"{checkpoint.directory}: the weights do not fit config.json{hint}: {len(problems)} "
                     f"problem(s), e.g. {'; '.join(problems[:3])}")
@@ -204,7 +204,12 @@ def _sliding_windows(sites: Sequence[MLASite], hf_config: dict | None) -> None:
     for site in sites:
         layer = re.search(r"layers\.(\d+)\.", site.module + ".")
         if layer and int(layer.group(1)) < len(kinds) and kinds[int(layer.group(1))] == "sliding_attention":
+            if window is None:
+                raise MLAFXError(f"{site.module} is a sliding_attention layer, but the config has no sliding_window")
             site.window = int(window)
+            if site.selection is not None:
+                raise MLAFXError(f"{site.module} is both sparse (a top-k selects its keys) and a sliding-window "
+                                 "layer; the inference programs keep one or the other, not both")
 
 
 def _programs(gm: fx.GraphModule, config: AbsorbConfig | None, vocab_size: int, max_seq: int,

@@ -28,15 +28,12 @@ ENGINE_MANIFEST, ENGINE_FORMAT = "mla_fx_tensorrt.json", "mla-fx-tensorrt/1"
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
 
 
-CACHE_KINDS = ("latent", "index_keys")
-
-
 @dataclass(frozen=True)
 class CacheTensor:
     """One array of the cache: an MLA layer's latent rows, or a sparse layer's indexer keys."""
 
-    kind: str  # one of CACHE_KINDS
-    layer: int
+    kind: str  # "latent" | "index_keys"
+    layer: int  # the MLA layer (site) it belongs to, counted over MLA layers
     width: int  # values per token
 
     @property

@@ -2,7 +2,8 @@
 
 Prompts of different lengths are batched with left padding: padding rows get attention_mask 0 and
 position 0, real tokens positions 0..n-1, so every row computes exactly what it would alone. The
-latent cache is one array per layer, [batch, tokens, d_c + d_r], grown by each step's present_latent.
+cache is the back-end's layout (mla_fx.products.CacheTensor: each layer's latent [batch, tokens, d_c + d_r],
+a sparse layer's indexer keys), grown by each step's present arrays.
 """
 
 from __future__ import annotations

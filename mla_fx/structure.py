@@ -55,6 +55,7 @@ class Structure:
     # what transformers looks the checkpoint's renamings and converters up by: each sub-model's class, then its
     # model_type (Dots3NoteTextModel holds dots3_note's expert fusing, A.X-K2's model_type its renamings)
     conversion_keys: tuple[str, ...] = ()
+    hf_config: dict | None = None  # the (text) config as transformers completes it (derived layer_types, ...)
     positions: bool = False  # captured as (input_ids, position_ids) -> logits
 
     def example(self) -> tuple[torch.Tensor, ...]:
@@ -120,7 +121,7 @@ def capture_structure(checkpoint: Checkpoint, dtype: torch.dtype | None = None, 
     max_seq = getattr(cfg, "max_position_embeddings", None) or 4096
     structure = Structure(None, buffers, int(cfg.vocab_size), int(max_seq), dtype,
                           transformers_loading.text_decoder_note(choice), transformers_loading.conversion_keys(model),
-                          positions)
+                          cfg.to_dict(), positions)
     structure.graph = capture(wrapper, structure.example(), max_seq=max_seq)
     _mark(structure.graph)
     return structure

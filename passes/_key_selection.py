@@ -98,8 +98,7 @@ def find_key_selection(attn: fx.Node) -> KeySelection | str | None:
             after_topk.add(node)
     model_mask, node = None, mask
     while model_mask is None and node in after_topk:
-        others = [a for a in node.all_input_nodes if a not in after_topk]
-        masks = [a for a in others if a.meta["val"].dtype == torch.bool and a.meta["val"].dim() == 4]
+        masks = [a for a in node.all_input_nodes if a not in after_topk and _is_boolean_mask(a)]
         if masks:
             model_mask = masks[0]
         else:
@@ -112,6 +111,11 @@ def find_key_selection(attn: fx.Node) -> KeySelection | str | None:
         return found
     keys, reader = found
     return KeySelection(topk.name, keys.name, reader.name, model_mask.name, top_k, int(keys.meta["val"].shape[-1]))
+
+
+def _is_boolean_mask(node: fx.Node) -> bool:
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.dtype == torch.bool and value.dim() == 4
 
 
 def _keys(scores: fx.Node, attn: fx.Node) -> tuple[fx.Node, fx.Node] | str:

@@ -39,11 +39,11 @@ def add_latent_cache(gm: fx.GraphModule, context: PassContext | None = None) -> 
     windows = [s.window for s in context.analysis.sites] if context and context.analysis else [None] * len(pasts)
     presents = []
     for node, past, window in zip(attentions, pasts, windows, strict=True):
-        mask = padding_causal_mask(gm, input_ids, attention_mask, window)
+        sparse = selects_keys(node)
+        mask = node.args[3] if sparse else padding_causal_mask(gm, input_ids, attention_mask, window)
         with gm.graph.inserting_before(node):
             present = gm.graph.call_function(aten.cat.default, ([past, node.args[2]], 1))
-        node.args = (node.args[0], node.args[1], present, node.args[3] if selects_keys(node) else mask,
-                     node.args[4], False)
+        node.args = (node.args[0], node.args[1], present, mask, node.args[4], False)
         presents.append(present)
     set_outputs(gm, [*logits, *presents])
     gm.graph.eliminate_dead_code()
