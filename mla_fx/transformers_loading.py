@@ -251,31 +251,26 @@ def fused_parameter(conversion_keys: tuple[str, ...], module_key: str, keys: lis
     return None
 
 
-def unfollowed_renamings(conversion_keys: tuple[str, ...]) -> list[str]:
-    """The renamings transformers applies at load time that :func:`stored_names` cannot follow back (regular
-    expressions: a checkpoint in its maker's own format, such as Mistral's consolidated names)."""
+def _renamings(conversion_keys: tuple[str, ...]) -> list[tuple[str, str, bool]]:
+    """(source, target, plain) of every renaming transformers applies at load time; plain: both are text (a literal
+    written as a regex, A.X-K2's `self_attn\\.q_b_proj\\.`, read as text), so a name can be followed back."""
     from transformers.core_model_loading import WeightConverter
 
-    plain = re.compile(r"^[\w.]+$")
-    return [f"{source} -> {target}" for renaming in _conversions(conversion_keys)
-            if not isinstance(renaming, WeightConverter)
-            for source, target in zip(renaming.source_patterns, renaming.target_patterns, strict=False)
-            if not (plain.match(source.replace("\\.", ".")) and plain.match(target))]
+    text = re.compile(r"^[\w.]+$")
+    return [(source.replace("\\.", "."), target, bool(text.match(source.replace("\\.", ".")) and text.match(target)))
+            for renaming in _conversions(conversion_keys) if not isinstance(renaming, WeightConverter)
+            for source, target in zip(renaming.source_patterns, renaming.target_patterns, strict=False)]
+
+
+def unfollowed_renamings(conversion_keys: tuple[str, ...]) -> list[str]:
+    """The renamings :func:`stored_names` cannot follow back (regular expressions: a checkpoint in its maker's own
+    format, such as Mistral's consolidated names)."""
+    return [f"{source} -> {target}" for source, target, plain in _renamings(conversion_keys) if not plain]
 
 
 def stored_names(conversion_keys: tuple[str, ...], module_key: str) -> list[str]:
     """The names a checkpoint may store a module parameter under, by the model type's renamings (transformers
     renames at load time: A.X-K1 stores `layers.N.post_mlp_layernorm` for the module's
     `layers.N.mlp.post_mlp_layernorm`); plain-text renamings only, the module's own name first."""
-    from transformers.core_model_loading import WeightConverter
-
-    names = [module_key]
-    plain = re.compile(r"^[\w.]+$")
-    for renaming in _conversions(conversion_keys):
-        if isinstance(renaming, WeightConverter):
-            continue
-        for source, target in zip(renaming.source_patterns, renaming.target_patterns, strict=False):
-            source = source.replace("\\.", ".")  # a literal written as a regex (A.X-K2: self_attn\.q_b_proj\.)
-            if plain.match(source) and plain.match(target) and target in module_key:
-                names.append(module_key.replace(target, source))
-    return names
+    return [module_key] + [module_key.replace(target, source) for source, target, plain in _renamings(conversion_keys)
+                           if plain and target in module_key]
